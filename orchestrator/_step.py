@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar, overload
 
 import msgspec
+import structlog
 
 from ._errors import CompositionError, ConfigurationError, PermanentFailure
 
@@ -166,20 +167,68 @@ def as_container(container: Any) -> Container:
     raise ConfigurationError("container must be a mapping or have a resolve(name) method")
 
 
-@dataclasses.dataclass(slots=True, kw_only=True)
 class StepContext:
     """What a handler knows about the run it belongs to."""
 
-    workflow_id: str
-    step_name: str
-    action: str
-    transaction_id: str
-    idempotency_key: str
-    attempt: int
-    container: Container
-    context: dict[str, Any]
-    log: Any
-    """A structlog logger bound to workflow, transaction, step and attempt."""
+    __slots__ = (
+        "_context",
+        "_context_bytes",
+        "_log",
+        "action",
+        "attempt",
+        "container",
+        "idempotency_key",
+        "step_name",
+        "transaction_id",
+        "workflow_id",
+    )
+
+    def __init__(
+        self,
+        *,
+        workflow_id: str,
+        step_name: str,
+        action: str,
+        transaction_id: str,
+        attempt: int,
+        container: Container,
+        context: dict[str, Any] | None = None,
+        context_bytes: bytes | None = None,
+    ) -> None:
+        self.workflow_id = workflow_id
+        self.step_name = step_name
+        self.action = action
+        self.transaction_id = transaction_id
+        self.attempt = attempt
+        self.container = container
+        self.idempotency_key = f"{workflow_id}:{transaction_id}:{step_name}:{action}"
+        self._context = context
+        self._context_bytes = context_bytes
+        self._log: Any = None
+
+    @property
+    def context(self) -> dict[str, Any]:
+        """The run's shared context dict (decoded on first use)."""
+        if self._context is None:
+            raw = self._context_bytes
+            self._context = msgspec.msgpack.decode(raw) if raw else {}
+        return self._context
+
+    @property
+    def log(self) -> Any:
+        """A structlog logger bound to workflow, transaction, step, action and attempt."""
+        if self._log is None:
+            self._log = structlog.get_logger("orchestrator.step").bind(
+                workflow=self.workflow_id,
+                transaction=self.transaction_id,
+                step=self.step_name,
+                action=self.action,
+                attempt=self.attempt,
+            )
+        return self._log
+
+    def __repr__(self) -> str:
+        return f"<StepContext {self.idempotency_key} attempt={self.attempt}>"
 
 
 class Step:

@@ -128,6 +128,8 @@ class TxState(msgspec.Struct, kw_only=True, omit_defaults=True):
     deadline: float | None = None
     cancelled: bool = False
     parent: ParentLink | None = None
+    parent_comp_attempt: int = 0
+    """The parent step's compensation attempt that cancelled this (nested) transaction."""
     version: int = 0
     """How many events changed this state (the checkpoint's own revision)."""
 
@@ -203,7 +205,9 @@ class TimerFired(Event, frozen=True, kw_only=True, tag="timer"):
 
 
 class Cancel(Event, frozen=True, kw_only=True, tag="cancel"):
-    pass
+    """Compensate the transaction; ``parent_attempt`` > 0 when a parent step asks it."""
+
+    parent_attempt: int = 0
 
 
 class ChildFinished(Event, frozen=True, kw_only=True, tag="child_finished"):
@@ -414,7 +418,7 @@ class _Machine(Resolver):
         elif isinstance(event, ChildFinished):
             self.on_child(event)
         elif isinstance(event, Cancel):
-            self.on_cancel()
+            self.on_cancel(event)
         elif isinstance(event, RetryStep):
             self.on_retry_step(event)
 
@@ -711,8 +715,11 @@ class _Machine(Resolver):
             )
         )
 
-    def on_cancel(self) -> None:
+    def on_cancel(self, event: Cancel) -> None:
         state = self.state
+        if event.parent_attempt:
+            self.changed = True
+            state.parent_comp_attempt = event.parent_attempt
         if state.status == T_NOT_STARTED:
             self.changed = True
             state.cancelled = True

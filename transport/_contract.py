@@ -223,7 +223,8 @@ class QueueConfig:
     """
 
     name: str
-    """The queue's (stream's) name, e.g. ``"ORCH_WORK"``: letters, digits, ``-`` and ``_``."""
+    """The queue's (stream's) name, e.g. ``"ORCH_WORK"``: no whitespace, ``.``, ``*``, ``>``, ``/``
+    or ``\\``."""
     subjects: tuple[str, ...]
     """The subject patterns it captures, with ``*`` and ``>``, e.g. ``("orch.step.>",)``.
 
@@ -284,6 +285,14 @@ class Transport(ABC):
     ) -> None:
         """Close: stop all subscriptions and consumers and release the connection."""
 
+    def has_interest(self, subject: str) -> bool:
+        """Whether a message published on ``subject`` may reach someone.
+
+        A hint that lets publishers skip encoding what nobody listens to; an implementation that
+        cannot tell (a network transport, where a stream may capture the subject) says True.
+        """
+        return True
+
     @abstractmethod
     async def publish(
         self,
@@ -313,7 +322,7 @@ class Transport(ABC):
         data: bytes,
         *,
         headers: Mapping[str, str] | None = None,
-        timeout: float = 5.0,
+        timeout: float = 5.0,  # noqa: ASYNC109 - the contract names it, as nats-py does
     ) -> Msg:
         """Publish with a reply subject and return the first reply.
 
@@ -367,9 +376,7 @@ class Transport(ABC):
         """
 
     @abstractmethod
-    async def open_kv(
-        self, bucket: str, *, ttl: float | None = None, history: int = 1
-    ) -> KeyValue:
+    async def open_kv(self, bucket: str, *, ttl: float | None = None, history: int = 1) -> KeyValue:
         """Create the key-value bucket, or open it if it exists (its settings then updated).
 
         ``ttl`` is the bucket's default time-to-live in seconds (see ``KeyValue``); ``history``

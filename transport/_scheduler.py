@@ -31,14 +31,14 @@ class Scheduler:
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
         self._counter = itertools.count()
-        self._wake = anyio.Event()
+        self._wake: anyio.Event | None = None  # made by run(): no event loop may exist yet
         self._ops = 0
 
     def call_at(self, when: float, callback: Callable[[], None]) -> None:
         """Call ``callback`` once ``time.monotonic()`` has reached ``when``."""
         entry = (when, next(self._counter), callback)
         heapq.heappush(self._heap, entry)
-        if self._heap[0] is entry:
+        if self._heap[0] is entry and self._wake is not None:
             self._wake.set()
 
     async def tick(self) -> None:
@@ -55,16 +55,17 @@ class Scheduler:
         """Serve deadlines until cancelled."""
         heap = self._heap
         while True:
+            # A deadline added from here on, if earliest, sets this event and so wakes us.
+            self._wake = wake = anyio.Event()
             if not heap:
-                await self._wake.wait()
+                await wake.wait()
             else:
                 delay = heap[0][0] - time.monotonic()
                 if delay > 0:
                     with anyio.move_on_after(delay):
-                        await self._wake.wait()
+                        await wake.wait()
                 else:
                     await anyio.lowlevel.checkpoint()
-            self._wake = anyio.Event()
             now = time.monotonic()
             while heap and heap[0][0] <= now:
                 callback = heapq.heappop(heap)[2]

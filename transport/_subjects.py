@@ -2,7 +2,8 @@
 
 A subject is a dot-separated list of non-empty tokens (``orch.step.charge``). A pattern may also
 use ``*`` for exactly one token and ``>``, as its last token, for one or more tokens. Names of
-queues, durables and buckets follow NATS' stricter rule: letters, digits, ``-`` and ``_``.
+queues and durables must not hold whitespace, ``.``, ``*``, ``>`` or path separators; bucket
+names are stricter: letters, digits, ``-`` and ``_``.
 """
 
 from __future__ import annotations
@@ -12,15 +13,24 @@ import re
 Pattern = tuple[str, ...]
 """A compiled subject pattern: its tokens."""
 
-_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_NAME = re.compile(r"[^\s.*>/\\]+")
+_BUCKET = re.compile(r"[A-Za-z0-9_-]+")
 _KEY = re.compile(r"[-/_=.A-Za-z0-9]+")
 _SPACE = re.compile(r"\s")
 
 
 def check_name(kind: str, name: str) -> None:
-    """Raise ``ValueError`` unless ``name`` is a valid queue, durable or bucket name."""
+    """Raise ``ValueError`` unless ``name`` is a valid queue or durable name."""
     if not _NAME.fullmatch(name):
-        raise ValueError(f"invalid {kind} name {name!r}: use letters, digits, '-' and '_' only")
+        raise ValueError(
+            f"invalid {kind} name {name!r}: no whitespace, '.', '*', '>', '/' or '\\' allowed"
+        )
+
+
+def check_bucket(bucket: str) -> None:
+    """Raise ``ValueError`` unless ``bucket`` is a valid key-value bucket name."""
+    if not _BUCKET.fullmatch(bucket):
+        raise ValueError(f"invalid bucket name {bucket!r}: use letters, digits, '-' and '_' only")
 
 
 def check_key(key: str) -> None:

@@ -1,0 +1,71 @@
+"""The subject scheme of DESIGN.md section 5 (names under a configurable prefix)."""
+
+from __future__ import annotations
+
+import re
+import zlib
+from functools import lru_cache
+
+__all__ = ["Subjects", "token"]
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-:]")
+
+
+@lru_cache(maxsize=4096)
+def token(name: str) -> str:
+    """``name`` as one subject token: characters NATS gives a meaning (``.``, ``*``, ``>``,
+    whitespace) and ``%`` are percent-encoded, so any step or transaction name is safe."""
+    if _UNSAFE.search(name) is None:
+        return name
+    return _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), name)
+
+
+class Subjects:
+    """Subject names for one deployment prefix."""
+
+    __slots__ = ("partitions", "prefix")
+
+    def __init__(self, prefix: str = "orch", partitions: int = 16) -> None:
+        if not prefix or _UNSAFE.search(prefix.replace(".", "")):
+            raise ValueError(f"invalid subject prefix {prefix!r}")
+        if partitions < 1:
+            raise ValueError("partitions must be >= 1")
+        self.prefix = prefix
+        self.partitions = partitions
+
+    def partition(self, transaction_id: str) -> int:
+        """The stable partition of a transaction."""
+        return zlib.crc32(transaction_id.encode()) % self.partitions
+
+    def start(self, workflow: str) -> str:
+        return f"{self.prefix}.start.{token(workflow)}"
+
+    def tx(self, transaction_id: str) -> str:
+        return f"{self.prefix}.tx.{self.partition(transaction_id)}"
+
+    def step(self, step: str) -> str:
+        return f"{self.prefix}.step.{token(step)}"
+
+    def control(self, step: str) -> str:
+        return f"{self.prefix}.ctl.{token(step)}"
+
+    def event(self, workflow: str, transaction_id: str) -> str:
+        return f"{self.prefix}.evt.{token(workflow)}.{token(transaction_id)}"
+
+    def event_pattern(self, workflow: str | None, transaction_id: str | None) -> str:
+        """Events of one workflow and/or transaction (``None``: any)."""
+        wf = "*" if workflow is None else token(workflow)
+        tx = "*" if transaction_id is None else token(transaction_id)
+        return f"{self.prefix}.evt.{wf}.{tx}"
+
+    def hook(self, workflow: str, hook: str) -> str:
+        return f"{self.prefix}.hook.{token(workflow)}.{token(hook)}"
+
+    def api(self, verb: str) -> str:
+        return f"{self.prefix}.api.{verb}"
+
+    @property
+    def work_subjects(self) -> tuple[str, ...]:
+        """What the work-queue stream carries."""
+        p = self.prefix
+        return (f"{p}.start.*", f"{p}.tx.*", f"{p}.step.*")

@@ -1,0 +1,490 @@
+"""Coordinator actors: one per transaction, hosted by a :class:`CoordinatorHost`.
+
+A coordinator is a thin shell around the pure state machine: it receives a message, applies the
+event, persists the new state, carries out the commands, and only then acks the message.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import msgspec
+import structlog
+
+from orchestrator._errors import UnknownWorkflowError
+from orchestrator._graph import Graph
+from orchestrator._transaction import (
+    Abort,
+    Begin,
+    Cancel,
+    CancelChild,
+    ChildFinished,
+    Command,
+    Emit,
+    Event,
+    Finished,
+    Invoke,
+    ParentLink,
+    PublishHook,
+    Reject,
+    SetTimer,
+    StartChild,
+    TimerFired,
+    TxState,
+    apply,
+    is_settled,
+    new_state,
+)
+from orchestrator._types import LifecycleEvent, StepError
+from transport import Msg, QueueConfig, Transport, WorkMsg
+
+from ._store import Store
+from ._subjects import Subjects
+from ._system import Actor, ActorSystem, Directive
+from ._timers import Timers
+from .messages import (
+    AbortStep,
+    StartWorkflow,
+    StepCommand,
+    TxEvent,
+    TxReply,
+    decode_message,
+    encode_message,
+)
+
+__all__ = ["WORK_QUEUE", "CoordinatorActor", "CoordinatorHost", "Watcher"]
+
+log = structlog.get_logger("orchestrator.coordinator")
+
+WORK_QUEUE = "ORCH_WORK"
+
+Watcher = Callable[[str, TxState], None]
+"""Called with ``("finish" | "suspend", state)`` by the host, in process."""
+
+_FINAL = frozenset(("done", "reverted", "failed"))
+_event_encoder = msgspec.msgpack.Encoder()
+
+
+class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
+    """The coordinator of one transaction."""
+
+    def __init__(self, host: CoordinatorHost, transaction_id: str) -> None:
+        super().__init__(f"coordinator {transaction_id}")
+        self.host = host
+        self.transaction_id = transaction_id
+        self.state: TxState | None = None
+        self.graph: Graph | None = None
+        self.loaded = False
+        self.settled = False
+
+    # -- supervision
+    async def on_failure(self, message: tuple[Any, WorkMsg | None], exc: Exception) -> Directive:
+        log.error("coordinator failed", transaction=self.transaction_id, exc_info=exc)
+        _, work = message
+        if work is not None:
+            await work.nak(delay=0.5)
+        return Directive.RESTART
+
+    async def on_restart(self) -> None:
+        self.loaded = False
+        self.state = None
+
+    def idle(self) -> bool:
+        # Passivate when the transaction only waits (async steps, timers) or is over: the state
+        # is in the store, and the next message re-activates a fresh actor.
+        state = self.state
+        if state is None or state.status in _FINAL or self.settled:
+            self.host._forget(self)
+            return True
+        return False
+
+    # -- messages
+    async def on_message(self, message: tuple[Any, WorkMsg | None]) -> None:
+        msg, work = message
+        host = self.host
+        if not self.loaded:
+            self.state = await host.store.load(self.transaction_id)
+            self.loaded = True
+            if self.state is not None:
+                self.graph = host.graphs.get(self.state.workflow)
+                if self.state.status not in _FINAL:
+                    host.rearm(self.state)
+        now = host.clock()
+        reply: str | None = None
+        if isinstance(msg, StartWorkflow):
+            if self.state is not None:  # a duplicate start: attach, never run twice
+                if work is not None:
+                    await work.ack()
+                return
+            graph = host.graphs.get(msg.workflow)
+            if graph is None:
+                await host.reject_start(msg, work)
+                return
+            self.graph = graph
+            self.state = new_state(graph, self.transaction_id)
+            event: Event = Begin(now=now, input=msg.input, context=msg.context, parent=msg.parent)
+        else:
+            assert isinstance(msg, TxEvent)
+            reply = msg.reply
+            event = msg.event
+            if self.state is None or self.graph is None:
+                if reply is not None:
+                    await host.reply(
+                        reply,
+                        TxReply(
+                            ok=False,
+                            error=f"transaction {self.transaction_id!r} not found",
+                            error_type="TransactionNotFoundError",
+                        ),
+                    )
+                elif isinstance(event, Cancel) and event.parent_attempt:
+                    await host.answer_missing_child(msg)
+                if work is not None:
+                    await work.ack()
+                return
+        graph = self.graph
+        assert graph is not None and self.state is not None
+        old = self.state
+        if not isinstance(event, Begin):
+            event = _with_now(event, now)
+        state, commands = apply(graph, old, event)
+        self.state = state
+        finished = False
+        if state.version != old.version:
+            for cmd in commands:
+                if isinstance(cmd, Finished):
+                    finished = True
+            if not finished:
+                await host.store.save(state)
+        rejected = await host.execute(self, state, commands, old)
+        if (
+            isinstance(event, Cancel)
+            and event.parent_attempt
+            and state.status in _FINAL
+            and not finished
+        ):
+            await host.notify_parent(state, action="compensate")
+        if reply is not None:
+            await host.reply(
+                reply,
+                TxReply(ok=False, error=rejected, error_type="StepNotAwaitingError")
+                if rejected
+                else TxReply(ok=True),
+            )
+        settled = not finished and is_settled(graph, state)
+        if settled and not self.settled:
+            host.notify("suspend", state)
+        self.settled = settled
+        if work is not None:
+            await work.ack()
+
+
+def _with_now(event: Event, now: float) -> Event:
+    # Results carry the executor's clock; the coordinator's is the one the state runs on.
+    if event.now == now:
+        return event
+    return msgspec.structs.replace(event, now=now)
+
+
+class CoordinatorHost:
+    """Runs the coordinator actors of one process and carries out their commands."""
+
+    def __init__(
+        self,
+        *,
+        transport: Transport,
+        store: Store,
+        system: ActorSystem,
+        graphs: Mapping[str, Graph],
+        subjects: Subjects,
+        retention: float = 86400.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.transport = transport
+        self.store = store
+        self.system = system
+        self.graphs = dict(graphs)
+        self.subjects = subjects
+        self.retention = retention
+        self.clock = clock
+        self.actors: dict[str, CoordinatorActor] = {}
+        self.watchers: dict[str, list[Watcher]] = {}
+        self.timers = Timers(self._fire_timer, clock)
+        self._encode_event = _event_encoder.encode
+
+    async def start(self) -> None:
+        """Create the work queue (idempotent), start consuming and arm the timer task."""
+        transport = self.transport
+        await transport.ensure_queue(
+            QueueConfig(name=WORK_QUEUE, subjects=self.subjects.work_subjects)
+        )
+        self.system.start_soon(self.timers.run, name="coordinator timers")
+        p = self.subjects.prefix
+        await transport.consume(
+            WORK_QUEUE, "coordinator-start", f"{p}.start.*", self._on_work, max_in_flight=4096
+        )
+        await transport.consume(
+            WORK_QUEUE, "coordinator-tx", f"{p}.tx.*", self._on_work, max_in_flight=4096
+        )
+        await transport.subscribe(f"{p}.api.*", self._on_api, queue="coordinators")
+
+    # -- requests about a transaction (cancel, set_step_success, ...): forwarded to its owner
+    def _on_api(self, msg: Msg) -> None:
+        self.system.start_soon(self._api, msg)
+
+    async def _api(self, msg: Msg) -> None:
+        try:
+            request = decode_message(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            if msg.reply:
+                await self.reply(
+                    msg.reply, TxReply(ok=False, error=f"bad request: {exc}", error_type="ValueError")
+                )
+            return
+        if not isinstance(request, TxEvent):
+            if msg.reply:
+                await self.reply(
+                    msg.reply,
+                    TxReply(ok=False, error="expected a transaction event", error_type="ValueError"),
+                )
+            return
+        await self.transport.enqueue(
+            self.subjects.tx(request.transaction_id),
+            encode_message(msgspec.structs.replace(request, reply=msg.reply)),
+        )
+
+    # -- routing
+    def _on_work(self, work: WorkMsg) -> None:
+        try:
+            msg = decode_message(work.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("undecodable message dropped", subject=work.subject, error=str(exc))
+            self.system.start_soon(work.term)
+            return
+        if not isinstance(msg, StartWorkflow | TxEvent):
+            log.warning("unexpected message dropped", subject=work.subject, type=type(msg).__name__)
+            self.system.start_soon(work.term)
+            return
+        self.route(msg, work)
+
+    def route(self, msg: StartWorkflow | TxEvent, work: WorkMsg | None) -> None:
+        """Hand ``msg`` to its transaction's actor, activating one when needed."""
+        tx = msg.transaction_id
+        actor = self.actors.get(tx)
+        if actor is None:
+            actor = self.actors[tx] = CoordinatorActor(self, tx)
+            self.system.spawn(actor)
+        actor.mailbox.send((msg, work))
+
+    def _forget(self, actor: CoordinatorActor) -> None:
+        if self.actors.get(actor.transaction_id) is actor:
+            del self.actors[actor.transaction_id]
+
+    # -- local notifications (LocalEngine waits on these)
+    def watch(self, transaction_id: str, watcher: Watcher) -> Callable[[], None]:
+        """Call ``watcher`` on finish/suspend of the transaction; returns an unwatch function."""
+        watchers = self.watchers.setdefault(transaction_id, [])
+        watchers.append(watcher)
+
+        def unwatch() -> None:
+            current = self.watchers.get(transaction_id)
+            if current is not None and watcher in current:
+                current.remove(watcher)
+                if not current:
+                    del self.watchers[transaction_id]
+
+        return unwatch
+
+    def notify(self, kind: str, state: TxState) -> None:
+        for watcher in list(self.watchers.get(state.transaction_id, ())):
+            watcher(kind, state)
+
+    # -- commands
+    async def execute(
+        self, actor: CoordinatorActor, state: TxState, commands: Iterable[Command], old: TxState
+    ) -> str | None:
+        """Carry out ``commands``; returns the message of a :class:`Reject`, if any."""
+        transport = self.transport
+        subjects = self.subjects
+        tx = state.transaction_id
+        wf = state.workflow
+        rejected: str | None = None
+        for cmd in commands:
+            if isinstance(cmd, Invoke):
+                data = encode_message(
+                    StepCommand(
+                        workflow=wf,
+                        transaction_id=tx,
+                        step=cmd.step,
+                        action=cmd.action,
+                        attempt=cmd.attempt,
+                        input=cmd.input,
+                        context=state.context,
+                        timeout=cmd.timeout,
+                        async_=cmd.async_,
+                        reply_subject=subjects.tx(tx),
+                    )
+                )
+                await transport.enqueue(
+                    subjects.step(cmd.step),
+                    data,
+                    msg_id=f"{tx}:{cmd.step}:{cmd.action}:{cmd.attempt}",
+                )
+            elif isinstance(cmd, Emit):
+                subject = subjects.event(wf, tx)
+                if transport.has_interest(subject):
+                    await transport.publish(subject, self._encode_event(cmd.event))
+            elif isinstance(cmd, Finished):
+                retention = self.graphs[wf].retention
+                await self.store.finish(state, self.retention if retention is None else retention)
+                self.notify("finish", state)
+                if state.parent is not None:
+                    action = "compensate" if state.parent_comp_attempt else "invoke"
+                    await self.notify_parent(state, action=action)
+            elif isinstance(cmd, SetTimer):
+                self.arm(tx, wf, cmd)
+            elif isinstance(cmd, StartChild):
+                await transport.enqueue(
+                    subjects.start(cmd.workflow),
+                    encode_message(
+                        StartWorkflow(
+                            workflow=cmd.workflow,
+                            transaction_id=cmd.transaction_id,
+                            input=cmd.input,
+                            context=state.context,
+                            parent=_parent_link(state, cmd.step, cmd.attempt),
+                        )
+                    ),
+                    msg_id=cmd.transaction_id,
+                )
+            elif isinstance(cmd, CancelChild):
+                await transport.enqueue(
+                    subjects.tx(cmd.transaction_id),
+                    encode_message(
+                        TxEvent(
+                            workflow=cmd.workflow,
+                            transaction_id=cmd.transaction_id,
+                            event=Cancel(now=self.clock(), parent_attempt=cmd.attempt),
+                        )
+                    ),
+                    msg_id=f"{cmd.transaction_id}:cancel:{tx}:{cmd.attempt}",
+                )
+            elif isinstance(cmd, Abort):
+                await transport.publish(
+                    subjects.control(cmd.step),
+                    encode_message(
+                        AbortStep(
+                            workflow=wf,
+                            transaction_id=tx,
+                            step=cmd.step,
+                            action=cmd.action,
+                            attempt=cmd.attempt,
+                        )
+                    ),
+                )
+            elif isinstance(cmd, PublishHook):
+                await transport.publish(
+                    subjects.hook(wf, cmd.hook),
+                    cmd.payload,
+                    headers={"Content-Type": "application/msgpack", "Orch-Transaction": tx},
+                )
+            elif isinstance(cmd, Reject):
+                rejected = cmd.message
+        return rejected
+
+    async def notify_parent(self, state: TxState, *, action: str) -> None:
+        """Tell the parent step of a nested transaction how it ended."""
+        parent = state.parent
+        assert parent is not None
+        attempt = state.parent_comp_attempt if action == "compensate" else parent.attempt
+        error: StepError | None = state.errors[0] if state.errors else None
+        event = ChildFinished(
+            now=self.clock(),
+            step=parent.step,
+            attempt=attempt,
+            action=action,
+            state=state.status,
+            result=state.result,
+            error=error,
+        )
+        await self.transport.enqueue(
+            self.subjects.tx(parent.transaction_id),
+            encode_message(
+                TxEvent(workflow=parent.workflow, transaction_id=parent.transaction_id, event=event)
+            ),
+            msg_id=f"{parent.transaction_id}:child:{parent.step}:{action}:{attempt}",
+        )
+
+    async def answer_missing_child(self, msg: TxEvent) -> None:
+        """A parent asked to compensate a nested transaction that is gone."""
+        log.warning("cancel of an unknown nested transaction", transaction=msg.transaction_id)
+
+    async def reject_start(self, msg: StartWorkflow, work: WorkMsg | None) -> None:
+        """A start for a workflow this host does not know: say so, never retry it."""
+        error = UnknownWorkflowError(
+            f"unknown workflow {msg.workflow!r}; this coordinator runs {sorted(self.graphs)}"
+        )
+        log.warning("start of an unknown workflow", workflow=msg.workflow)
+        subject = self.subjects.event(msg.workflow, msg.transaction_id)
+        event = LifecycleEvent(
+            type="error",
+            workflow=msg.workflow,
+            transaction_id=msg.transaction_id,
+            timestamp=self.clock(),
+            error=StepError(
+                step="", action="start", type=type(error).__name__, message=str(error)
+            ),
+        )
+        if self.transport.has_interest(subject):
+            await self.transport.publish(subject, self._encode_event(event))
+        self._forget_tx(msg.transaction_id)
+        if work is not None:
+            await work.term()
+
+    def _forget_tx(self, transaction_id: str) -> None:
+        actor = self.actors.get(transaction_id)
+        if actor is not None:
+            actor.stop()
+            self._forget(actor)
+
+    async def reply(self, subject: str, reply: TxReply) -> None:
+        await self.transport.publish(subject, encode_message(reply))
+
+    # -- timers
+    def arm(self, transaction_id: str, workflow: str, cmd: SetTimer) -> None:
+        self.timers.arm(cmd.at, (workflow, transaction_id, cmd))
+
+    def rearm(self, state: TxState) -> None:
+        """Arm the timers a loaded transaction's deadlines imply (after a takeover)."""
+        graph = self.graphs.get(state.workflow)
+        if graph is None:
+            return
+        tx, wf = state.transaction_id, state.workflow
+        if state.deadline is not None and state.status == "invoking":
+            self.arm(tx, wf, SetTimer(at=state.deadline, kind="workflow_timeout"))
+        for name, record in state.steps.items():
+            if record.retry_at is not None:
+                action = "invoke" if record.state == "invoking" else "compensate"
+                attempt = record.attempt if action == "invoke" else record.comp_attempt
+                self.arm(
+                    tx,
+                    wf,
+                    SetTimer(
+                        at=record.retry_at, kind="retry", step=name, action=action, attempt=attempt
+                    ),
+                )
+
+    def _fire_timer(self, payload: Any) -> None:
+        workflow, tx, cmd = payload
+        event = TimerFired(
+            now=cmd.at, kind=cmd.kind, step=cmd.step, action=cmd.action, attempt=cmd.attempt
+        )
+        self.route(TxEvent(workflow=workflow, transaction_id=tx, event=event), None)
+
+
+def _parent_link(state: TxState, step: str, attempt: int) -> ParentLink:
+    return ParentLink(
+        workflow=state.workflow, transaction_id=state.transaction_id, step=step, attempt=attempt
+    )

@@ -1,0 +1,302 @@
+"""Step executors: one actor per step name per worker, running invocations concurrently."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+
+from orchestrator._codec import decode, encode_value
+from orchestrator._errors import PermanentFailure, StepOutputError, StepTimeoutError
+from orchestrator._step import SkipStep, Step, StepContext, StepResponse, _HandlerSpec
+from orchestrator._transaction import StepDone, StepFailed, error_from_exception
+from orchestrator._types import StepError
+from transport import Msg, Transport, WorkMsg
+
+from ._subjects import Subjects
+from ._system import ActorSystem
+from .coordinator import WORK_QUEUE
+from .messages import AbortStep, StepCommand, TxEvent, decode_message, encode_message
+
+__all__ = ["DEFAULT_IN_FLIGHT", "ExecutorHost", "StepExecutor"]
+
+log = structlog.get_logger("orchestrator.executor")
+
+DEFAULT_IN_FLIGHT = 1024
+"""Un-acked commands a step executor takes at once when the step sets no ``concurrency``."""
+
+_Key = tuple[str, str, int]
+
+
+class _Aborted(Exception):
+    pass
+
+
+class StepExecutor:
+    """Runs the handlers of one step name (for every workflow that uses it) on this worker.
+
+    The work queue hands it at most ``concurrency`` un-acked commands; each runs as a task of the
+    actor system, so a slow handler never holds up the others.
+    """
+
+    def __init__(
+        self,
+        host: ExecutorHost,
+        step: str,
+        definitions: Mapping[str, Step],
+        concurrency: int | None,
+    ) -> None:
+        self.host = host
+        self.step = step
+        self.definitions = dict(definitions)
+        self.concurrency = concurrency
+        self.running: dict[_Key, anyio.CancelScope] = {}
+        self.aborted: set[_Key] = set()
+
+    def deliver(self, work: WorkMsg) -> None:
+        """The work-queue handler: start the invocation as its own task."""
+        self.host.system.start_soon(self.run, work)
+
+    def abort(self, cmd: AbortStep) -> None:
+        key = (cmd.transaction_id, cmd.action, cmd.attempt)
+        scope = self.running.get(key)
+        if scope is not None:
+            self.aborted.add(key)
+            scope.cancel()
+
+    async def run(self, work: WorkMsg) -> None:
+        try:
+            cmd = decode_message(work.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("undecodable step command dropped", step=self.step, error=str(exc))
+            await work.term()
+            return
+        if not isinstance(cmd, StepCommand):
+            await work.term()
+            return
+        event = await self.invoke(cmd)
+        host = self.host
+        await host.transport.enqueue(
+            cmd.reply_subject,
+            encode_message(
+                TxEvent(workflow=cmd.workflow, transaction_id=cmd.transaction_id, event=event)
+            ),
+            msg_id=f"r:{cmd.transaction_id}:{cmd.step}:{cmd.action}:{cmd.attempt}",
+        )
+        await work.ack()
+
+    async def invoke(self, cmd: StepCommand) -> StepDone | StepFailed:
+        """Run the handler for ``cmd`` and turn what happened into a state-machine event."""
+        step, action, attempt = cmd.step, cmd.action, cmd.attempt
+        definition = self.definitions.get(cmd.workflow)
+        clock = self.host.clock
+        if definition is None:
+            return _failed(
+                cmd,
+                clock(),
+                StepError(
+                    step=step,
+                    action=action,
+                    type="ConfigurationError",
+                    message=f"this worker has no handler for step {step!r} of workflow "
+                    f"{cmd.workflow!r}",
+                    attempt=attempt,
+                ),
+                permanent=True,
+            )
+        spec = definition.invoke if action == "invoke" else definition.compensation
+        if spec is None:  # nothing to undo
+            return StepDone(now=clock(), step=step, action=action, attempt=attempt)
+        key = (cmd.transaction_id, action, attempt)
+        ctx = StepContext(
+            workflow_id=cmd.workflow,
+            step_name=step,
+            action=action,
+            transaction_id=cmd.transaction_id,
+            attempt=attempt,
+            container=self.host.container,
+            context_bytes=cmd.context,
+        )
+        try:
+            value = decode(cmd.input)
+            if spec.input_type is not None:
+                try:
+                    value = msgspec.convert(value, spec.input_type)
+                except msgspec.ValidationError as exc:
+                    raise PermanentFailure(
+                        f"step {step!r}: input does not match "
+                        f"{getattr(spec.input_type, '__name__', spec.input_type)}: {exc}"
+                    ) from None
+            with anyio.CancelScope() as scope:
+                self.running[key] = scope
+                try:
+                    if cmd.timeout:
+                        with anyio.fail_after(cmd.timeout):
+                            result = await _call(spec, value, ctx)
+                    else:
+                        result = await _call(spec, value, ctx)
+                finally:
+                    self.running.pop(key, None)
+            if scope.cancelled_caught:
+                raise _Aborted
+        except _Aborted:
+            self.aborted.discard(key)
+            return _failed(
+                cmd,
+                clock(),
+                StepError(
+                    step=step,
+                    action=action,
+                    type="WorkflowTimeoutError",
+                    message=f"step {step!r} was cancelled: the workflow timed out",
+                    attempt=attempt,
+                ),
+                permanent=True,
+                timeout=True,
+            )
+        except TimeoutError:
+            return _failed(
+                cmd,
+                clock(),
+                StepError(
+                    step=step,
+                    action=action,
+                    type=StepTimeoutError.__name__,
+                    message=f"step {step!r} timed out after {cmd.timeout} s (handler cancelled)",
+                    attempt=attempt,
+                ),
+                timeout=True,
+            )
+        except PermanentFailure as exc:
+            comp_input = None
+            if exc.compensate_input is not None:
+                try:
+                    comp_input = encode_value(
+                        exc.compensate_input, f"compensate_input of step {step!r}"
+                    )
+                except TypeError as enc:
+                    return _failed(cmd, clock(), _output_error(enc, step, action, attempt), True)
+            return _failed(
+                cmd,
+                clock(),
+                error_from_exception(exc, step, action, attempt),
+                permanent=True,
+                comp_input=comp_input,
+            )
+        except Exception as exc:
+            return _failed(cmd, clock(), error_from_exception(exc, step, action, attempt))
+        return _classify(cmd, result, clock())
+
+
+async def _call(spec: _HandlerSpec, value: Any, ctx: StepContext) -> Any:
+    args: tuple[Any, ...] = (value, ctx)[: spec.arity]
+    if spec.is_async:
+        return await spec.fn(*args)
+    return await anyio.to_thread.run_sync(spec.fn, *args, abandon_on_cancel=True)
+
+
+def _classify(cmd: StepCommand, result: Any, now: float) -> StepDone | StepFailed:
+    step, action, attempt = cmd.step, cmd.action, cmd.attempt
+    if isinstance(result, SkipStep):
+        return StepDone(now=now, step=step, action=action, attempt=attempt, skipped=True)
+    if result is None and cmd.async_:
+        return StepDone(now=now, step=step, action=action, attempt=attempt, awaiting=True)
+    try:
+        if isinstance(result, StepResponse):
+            output = encode_value(result.output, f"the output of step {step!r}")
+            if result.compensate_input is result.output:
+                comp_input = output
+            else:
+                comp_input = encode_value(
+                    result.compensate_input, f"the compensate_input of step {step!r}"
+                )
+        else:
+            output = comp_input = encode_value(result, f"the output of step {step!r}")
+    except TypeError as exc:
+        return _failed(cmd, now, _output_error(exc, step, action, attempt), True)
+    return StepDone(
+        now=now, step=step, action=action, attempt=attempt, output=output, comp_input=comp_input
+    )
+
+
+def _output_error(exc: TypeError, step: str, action: str, attempt: int) -> StepError:
+    return StepError(
+        step=step, action=action, type=StepOutputError.__name__, message=str(exc), attempt=attempt
+    )
+
+
+def _failed(
+    cmd: StepCommand,
+    now: float,
+    error: StepError,
+    permanent: bool = False,
+    *,
+    timeout: bool = False,
+    comp_input: bytes | None = None,
+) -> StepFailed:
+    return StepFailed(
+        now=now,
+        step=cmd.step,
+        action=cmd.action,
+        attempt=cmd.attempt,
+        error=error,
+        permanent=permanent,
+        timeout=timeout,
+        comp_input=comp_input,
+    )
+
+
+class ExecutorHost:
+    """The step executors of one worker process."""
+
+    def __init__(
+        self,
+        *,
+        transport: Transport,
+        system: ActorSystem,
+        steps: Mapping[str, Mapping[str, Step]],
+        subjects: Subjects,
+        container: Any,
+        limits: Mapping[str, int | None] | None = None,
+        concurrency: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``steps`` maps step name -> workflow name -> definition; ``limits`` the per-step
+        ``concurrency``; ``concurrency`` caps the steps that set none."""
+        self.transport = transport
+        self.system = system
+        self.subjects = subjects
+        self.container = container
+        self.clock = clock
+        self.executors: dict[str, StepExecutor] = {}
+        limits = limits or {}
+        for name, by_workflow in steps.items():
+            limit = limits.get(name) or concurrency
+            self.executors[name] = StepExecutor(self, name, by_workflow, limit)
+
+    async def start(self) -> None:
+        """Start consuming the step subjects, and listen for aborts."""
+        for name, executor in self.executors.items():
+            subject = self.subjects.step(name)
+            await self.transport.consume(
+                WORK_QUEUE,
+                f"step-{subject.rsplit('.', 1)[1]}",
+                subject,
+                executor.deliver,
+                max_in_flight=executor.concurrency or DEFAULT_IN_FLIGHT,
+            )
+        await self.transport.subscribe(f"{self.subjects.prefix}.ctl.*", self._on_control)
+
+    def _on_control(self, msg: Msg) -> None:
+        try:
+            cmd = decode_message(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        if isinstance(cmd, AbortStep):
+            executor = self.executors.get(cmd.step)
+            if executor is not None:
+                executor.abort(cmd)

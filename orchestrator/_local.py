@@ -1,0 +1,472 @@
+"""``LocalEngine``: the coordinator and executor actors in one process, over memory."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
+
+import anyio
+import msgspec
+
+from actors import (
+    ActorSystem,
+    CoordinatorHost,
+    ExecutorHost,
+    Mailbox,
+    MemoryStore,
+    StartWorkflow,
+    Store,
+    Subjects,
+    TxEvent,
+    TxReply,
+    decode_message,
+    encode_message,
+)
+from transport import MemoryTransport, Msg, Transport
+
+from ._codec import decode, encode_value
+from ._composer import Workflow
+from ._errors import (
+    ConfigurationError,
+    StepNotAwaitingError,
+    TransactionNotFoundError,
+    UnknownWorkflowError,
+    WorkflowFailedError,
+)
+from ._graph import Graph
+from ._step import Step, as_container
+from ._transaction import (
+    Cancel,
+    Complete,
+    Event,
+    RetryStep,
+    TxState,
+    is_settled,
+    to_result,
+)
+from ._types import LifecycleEvent, StepError, TransactionState, WorkflowResult
+
+__all__ = ["LocalEngine", "TransactionHandle"]
+
+DEFAULT_RETENTION = 86400.0
+_event_decoder = msgspec.msgpack.Decoder(LifecycleEvent)
+
+
+def collect_workflows(workflows: Iterable[Workflow]) -> dict[str, Workflow]:
+    """The workflows by name, nested ones included; a name used twice is an error."""
+    found: dict[str, Workflow] = {}
+    pending = list(workflows)
+    while pending:
+        wf = pending.pop()
+        if not isinstance(wf, Workflow):
+            raise ConfigurationError(f"expected a workflow (from create_workflow), got {wf!r}")
+        other = found.get(wf.name)
+        if other is not None and other is not wf:
+            raise ConfigurationError(f"two different workflows are named {wf.name!r}")
+        if other is None:
+            found[wf.name] = wf
+            pending.extend(wf.children())
+    return found
+
+
+def step_table(
+    workflows: Mapping[str, Workflow],
+) -> tuple[dict[str, dict[str, Step]], dict[str, int | None]]:
+    """Step name -> workflow -> definition, and each step's concurrency limit."""
+    steps: dict[str, dict[str, Step]] = {}
+    limits: dict[str, int | None] = {}
+    for wf in workflows.values():
+        definitions = wf.step_definitions()
+        for node in wf.graph.nodes:
+            if node.kind != "step":
+                continue
+            steps.setdefault(node.name, {})[wf.name] = definitions[node.name]
+            if node.config.concurrency:
+                known = limits.get(node.name)
+                limits[node.name] = min(known or node.config.concurrency, node.config.concurrency)
+    return steps, limits
+
+
+def parse_key(workflows: Mapping[str, Workflow], key: str) -> list[tuple[str, str, str, str]]:
+    """Candidate ``(workflow, transaction, step, action)`` for an idempotency key.
+
+    The key is ``<workflow>:<transaction>:<step>:<action>``; names may contain ``:``, so it is
+    matched against the known workflow and step names rather than split.
+    """
+    out = []
+    for name, wf in workflows.items():
+        if not key.startswith(name + ":"):
+            continue
+        for node in wf.graph.nodes:
+            for action in ("invoke", "compensate"):
+                suffix = f":{node.name}:{action}"
+                if key.endswith(suffix) and len(key) > len(name) + 1 + len(suffix):
+                    out.append((name, key[len(name) + 1 : -len(suffix)], node.name, action))
+    return out
+
+
+class TransactionHandle:
+    """A started transaction: ``await handle.wait()`` for its final result."""
+
+    def __init__(self, engine: LocalEngine, workflow: str, transaction_id: str) -> None:
+        self.engine = engine
+        self.workflow = workflow
+        self.transaction_id = transaction_id
+
+    async def wait(self, timeout: float | None = None) -> WorkflowResult:
+        """Wait until the transaction is finished."""
+        return await self.engine.wait(self.transaction_id, timeout=timeout)
+
+    async def get(self) -> WorkflowResult:
+        """Its current picture."""
+        return await self.engine.get(self.transaction_id)
+
+    def __repr__(self) -> str:
+        return f"<TransactionHandle {self.workflow}:{self.transaction_id}>"
+
+
+class LocalEngine:
+    """Runs workflows in this process (local single-node mode): no server needed.
+
+    ``async with LocalEngine(workflows=[...], container={...}) as engine:``
+    """
+
+    def __init__(
+        self,
+        workflows: Iterable[Workflow],
+        container: Any = None,
+        *,
+        retention: float = DEFAULT_RETENTION,
+        concurrency: int | None = None,
+        prefix: str = "orch",
+        partitions: int = 16,
+        transport: Transport | None = None,
+        store: Store | None = None,
+    ) -> None:
+        self.workflows = collect_workflows(workflows)
+        self.graphs: dict[str, Graph] = {name: wf.graph for name, wf in self.workflows.items()}
+        self.container = as_container(container)
+        self.retention = retention
+        self.concurrency = concurrency
+        self.subjects = Subjects(prefix, partitions)
+        self.transport: Transport = transport or MemoryTransport()
+        self.store: Store = store or MemoryStore()
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._coordinators: CoordinatorHost | None = None
+
+    # -- lifecycle
+    async def __aenter__(self) -> LocalEngine:
+        stack = contextlib.AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            await stack.enter_async_context(self.transport)
+            system = await stack.enter_async_context(ActorSystem())
+            self._coordinators = CoordinatorHost(
+                transport=self.transport,
+                store=self.store,
+                system=system,
+                graphs=self.graphs,
+                subjects=self.subjects,
+                retention=self.retention,
+            )
+            await self._coordinators.start()
+            steps, limits = step_table(self.workflows)
+            executors = ExecutorHost(
+                transport=self.transport,
+                system=system,
+                steps=steps,
+                limits=limits,
+                subjects=self.subjects,
+                container=self.container,
+                concurrency=self.concurrency,
+            )
+            await executors.start()
+        except BaseException:
+            await stack.__aexit__(None, None, None)
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        stack, self._stack = self._stack, None
+        self._coordinators = None
+        if stack is not None:
+            await stack.__aexit__(*exc)
+
+    @property
+    def _host(self) -> CoordinatorHost:
+        if self._coordinators is None:
+            raise RuntimeError("the engine is not running: use `async with LocalEngine(...)`")
+        return self._coordinators
+
+    def _workflow(self, workflow: str | Workflow) -> Workflow:
+        name = workflow.name if isinstance(workflow, Workflow) else workflow
+        wf = self.workflows.get(name)
+        if wf is None:
+            raise UnknownWorkflowError(
+                f"unknown workflow {name!r}; this engine runs {sorted(self.workflows)}"
+            )
+        return wf
+
+    # -- running
+    async def run(
+        self,
+        workflow: str | Workflow,
+        input: Any = None,
+        *,
+        transaction_id: str | None = None,
+        context: Mapping[str, Any] | None = None,
+        throw_on_error: bool = True,
+        result_from: str | None = None,
+        timeout: float | None = None,
+    ) -> WorkflowResult:
+        """Run a workflow and wait until it finishes, or only waits on async steps.
+
+        An existing ``transaction_id`` attaches to that transaction (never a second run).
+        """
+        wf = self._workflow(workflow)
+        if result_from is not None and result_from not in wf.graph.index:
+            raise ConfigurationError(f"result_from: workflow {wf.name!r} has no step {result_from!r}")
+        tx = transaction_id or f"{wf.name}-{uuid.uuid4().hex}"
+        state = await self._start(wf, tx, input, context, timeout, settle=True)
+        return self._finish(state, throw_on_error, result_from)
+
+    async def start(
+        self,
+        workflow: str | Workflow,
+        input: Any = None,
+        *,
+        transaction_id: str | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> TransactionHandle:
+        """Start a workflow and return its handle at once."""
+        wf = self._workflow(workflow)
+        tx = transaction_id or f"{wf.name}-{uuid.uuid4().hex}"
+        existing = await self.store.load(tx)
+        if existing is None:
+            self._send_start(wf, tx, input, context)
+        elif existing.workflow != wf.name:
+            raise ConfigurationError(
+                f"transaction {tx!r} belongs to workflow {existing.workflow!r}, not {wf.name!r}"
+            )
+        return TransactionHandle(self, wf.name, tx)
+
+    def _send_start(
+        self, wf: Workflow, tx: str, input: Any, context: Mapping[str, Any] | None
+    ) -> None:
+        try:
+            data = encode_value(input, f"the input of workflow {wf.name!r}")
+            ctx = encode_value(dict(context or {}), "the run context")
+        except TypeError as exc:
+            raise ConfigurationError(str(exc)) from None
+        msg = StartWorkflow(workflow=wf.name, transaction_id=tx, input=data, context=ctx)
+        # The start goes straight to the coordinator's actor: in one process nothing is gained by
+        # a round trip through the queue, and its dedupe is the actor's own "already started".
+        self._host.route(msg, None)
+
+    async def _start(
+        self,
+        wf: Workflow,
+        tx: str,
+        input: Any,
+        context: Mapping[str, Any] | None,
+        timeout: float | None,
+        *,
+        settle: bool,
+    ) -> TxState:
+        host = self._host
+        state = await self.store.load(tx)
+        if state is not None:
+            if state.workflow != wf.name:
+                raise ConfigurationError(
+                    f"transaction {tx!r} belongs to workflow {state.workflow!r}, not {wf.name!r}"
+                )
+            return await self._await(tx, timeout, settle=settle)
+        done = anyio.Event()
+        box: list[TxState] = []
+
+        def watcher(kind: str, st: TxState) -> None:
+            if kind == "finish" or settle:
+                box.append(st)
+                done.set()
+
+        unwatch = host.watch(tx, watcher)
+        try:
+            self._send_start(wf, tx, input, context)
+            with anyio.fail_after(timeout):
+                await done.wait()
+        finally:
+            unwatch()
+        return box[-1]
+
+    async def _await(self, tx: str, timeout: float | None, *, settle: bool) -> TxState:
+        host = self._host
+        done = anyio.Event()
+
+        def watcher(kind: str, st: TxState) -> None:
+            if kind == "finish" or settle:
+                done.set()
+
+        unwatch = host.watch(tx, watcher)
+        try:
+            with anyio.fail_after(timeout):
+                while True:
+                    state = await self.store.load(tx)
+                    if state is None:
+                        raise TransactionNotFoundError(f"transaction {tx!r} not found")
+                    if TransactionState(state.status).finished:
+                        return state
+                    if settle and is_settled(self.graphs[state.workflow], state):
+                        return state
+                    await done.wait()
+                    done = anyio.Event()
+        finally:
+            unwatch()
+
+    def _finish(
+        self, state: TxState, throw_on_error: bool, result_from: str | None = None
+    ) -> WorkflowResult:
+        result = to_result(state, self.graphs.get(state.workflow))
+        if result_from is not None:
+            record = state.steps.get(result_from)
+            value = decode(record.output) if record is not None and record.output else None
+            result = msgspec.structs.replace(result, result=value)
+        if throw_on_error and result.state in (TransactionState.REVERTED, TransactionState.FAILED):
+            raise WorkflowFailedError(result)
+        return result
+
+    async def wait(self, transaction_id: str, *, timeout: float | None = None) -> WorkflowResult:
+        """Wait until the transaction is finished; its result (never raises for a failure)."""
+        state = await self._await(transaction_id, timeout, settle=False)
+        return self._finish(state, throw_on_error=False)
+
+    async def get(self, transaction_id: str) -> WorkflowResult:
+        """The current picture of a live or retained transaction."""
+        state = await self.store.load(transaction_id)
+        if state is None:
+            raise TransactionNotFoundError(f"transaction {transaction_id!r} not found")
+        return to_result(state, self.graphs.get(state.workflow))
+
+    async def list(
+        self, workflow: str | Workflow | None = None, *, state: str | TransactionState | None = None
+    ) -> list[WorkflowResult]:
+        """Live and retained transactions, optionally of one workflow and/or in one state."""
+        name = None if workflow is None else self._workflow(workflow).name
+        wanted = None if state is None else TransactionState(state).value
+        return [
+            to_result(s, self.graphs.get(s.workflow))
+            for s in await self.store.list(name)
+            if wanted is None or s.status == wanted
+        ]
+
+    # -- acting on a transaction
+    async def _request(self, verb: str, state: TxState, event: Event) -> None:
+        msg = TxEvent(workflow=state.workflow, transaction_id=state.transaction_id, event=event)
+        reply: Msg = await self.transport.request(
+            self.subjects.api(verb), encode_message(msg), timeout=30
+        )
+        answer = decode_message(reply.data)
+        if isinstance(answer, TxReply) and not answer.ok:
+            if answer.error_type == "TransactionNotFoundError":
+                raise TransactionNotFoundError(answer.error or "transaction not found")
+            raise StepNotAwaitingError(answer.error or "rejected")
+
+    async def cancel(
+        self, transaction_id: str, *, timeout: float | None = None
+    ) -> WorkflowResult:
+        """Compensate a running or finished (retained) transaction; its final result."""
+        state = await self.store.load(transaction_id)
+        if state is None:
+            raise TransactionNotFoundError(f"transaction {transaction_id!r} not found")
+        await self._request("cancel", state, Cancel(now=0.0))
+        return await self.wait(transaction_id, timeout=timeout)
+
+    async def _key(self, key: str) -> tuple[TxState, str, str]:
+        if not isinstance(key, str):
+            raise ConfigurationError(f"an idempotency key is a string, got {key!r}")
+        for _wf, tx, step, action in parse_key(self.workflows, key):
+            state = await self.store.load(tx)
+            if state is not None and state.workflow == _wf:
+                return state, step, action
+        raise TransactionNotFoundError(
+            f"unknown idempotency key {key!r}: no live transaction has that step "
+            "(expected '<workflow>:<transaction>:<step>:<invoke|compensate>')"
+        )
+
+    async def set_step_success(
+        self, key: str, response: Any = None, *, timeout: float | None = None
+    ) -> WorkflowResult:
+        """Complete an async step (or async compensation) that awaits a response."""
+        state, step, action = await self._key(key)
+        try:
+            output = encode_value(response, f"the response for step {step!r}")
+        except TypeError as exc:
+            raise ConfigurationError(str(exc)) from None
+        event = Complete(now=0.0, step=step, action=action, ok=True, output=output)
+        return await self._external(state, "set_step_success", event, timeout)
+
+    async def set_step_failure(
+        self,
+        key: str,
+        error: Any = None,
+        *,
+        force_permanent: bool = False,
+        timeout: float | None = None,
+    ) -> WorkflowResult:
+        """Fail an async step that awaits a response (retried unless ``force_permanent``)."""
+        state, step, action = await self._key(key)
+        if isinstance(error, BaseException):
+            err = StepError(step=step, action=action, type=type(error).__name__, message=str(error))
+        else:
+            err = StepError(
+                step=step, action=action, type="StepFailure", message=str(error or "step failed")
+            )
+        event = Complete(
+            now=0.0, step=step, action=action, ok=False, error=err, force_permanent=force_permanent
+        )
+        return await self._external(state, "set_step_failure", event, timeout)
+
+    async def retry_step(self, key: str, *, timeout: float | None = None) -> WorkflowResult:
+        """Invoke again an async step that awaits a response."""
+        state, step, _ = await self._key(key)
+        return await self._external(state, "retry_step", RetryStep(now=0.0, step=step), timeout)
+
+    async def _external(
+        self, state: TxState, verb: str, event: Event, timeout: float | None
+    ) -> WorkflowResult:
+        await self._request(verb, state, event)
+        final = await self._await(state.transaction_id, timeout, settle=True)
+        return self._finish(final, throw_on_error=False)
+
+    # -- watching
+    async def events(
+        self, workflow: str | Workflow | None = None, transaction_id: str | None = None
+    ) -> AsyncIterator[LifecycleEvent]:
+        """Lifecycle events as they happen (an async iterator; stop by breaking out)."""
+        name = None if workflow is None else self._workflow(workflow).name
+        subject = self.subjects.event_pattern(name, transaction_id)
+        async for msg in self._subscribe(subject):
+            yield _event_decoder.decode(msg.data)
+
+    async def hooks(self, workflow: str | Workflow, hook: str) -> AsyncIterator[Any]:
+        """Payloads published by a hook, as they come."""
+        wf = self._workflow(workflow)
+        if hook not in {n.name for n in wf.graph.nodes if n.kind == "hook"}:
+            raise ConfigurationError(f"workflow {wf.name!r} has no hook {hook!r}")
+        async for msg in self._subscribe(self.subjects.hook(wf.name, hook)):
+            yield decode(msg.data)
+
+    async def _subscribe(self, subject: str) -> AsyncIterator[Msg]:
+        box: Mailbox[Msg] = Mailbox()
+        sub = await self.transport.subscribe(subject, box.send)
+        try:
+            while True:
+                yield await box.get()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sub.unsubscribe()
+
+    def __repr__(self) -> str:
+        return f"<LocalEngine workflows={sorted(self.workflows)}>"
