@@ -7,6 +7,7 @@ from ._subjects import token as token
 from ._system import Actor as Actor
 from ._system import ActorSystem as ActorSystem
 from ._system import Directive as Directive
+from ._system import Dispatcher as Dispatcher
 from ._system import Mailbox as Mailbox
 from ._timers import Timers as Timers
 from .coordinator import CoordinatorActor as CoordinatorActor
@@ -29,6 +30,7 @@ __all__ = [
     "CoordinatorActor",
     "CoordinatorHost",
     "Directive",
+    "Dispatcher",
     "ExecutorHost",
     "Mailbox",
     "MemoryStore",

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 import anyio
 import structlog
 from anyio.abc import TaskGroup
 
-__all__ = ["Actor", "ActorSystem", "Directive", "Mailbox"]
+__all__ = ["Actor", "ActorSystem", "Directive", "Dispatcher", "Mailbox"]
 
 M = TypeVar("M")
 log = structlog.get_logger("actors")
@@ -47,6 +48,12 @@ class Mailbox(Generic[M]):
         """The next item, or ``None`` when the mailbox is empty."""
         return self._items.popleft() if self._items else None
 
+    def drain(self) -> list[M]:
+        """Every queued item, oldest first; the mailbox is empty afterwards."""
+        items = list(self._items)
+        self._items.clear()
+        return items
+
     async def get(self) -> M:
         """The next item, waiting for one; ``EndOfStream`` once closed and drained."""
         while not self._items:
@@ -76,23 +83,114 @@ class Directive(enum.Enum):
     RESTART = "restart"
     """Call ``on_restart`` (reload state from the store), then go on."""
     STOP = "stop"
-    """Stop the actor; its remaining messages are handed to ``on_stopped``."""
+    """Stop the actor; its queued messages are dropped (work messages are redelivered)."""
     ESCALATE = "escalate"
     """Re-raise: the actor system's task group fails."""
 
 
+class Dispatcher:
+    """Runs jobs (actor turns, step invocations) on a pool of long-lived worker tasks.
+
+    Like the dispatchers of Akka or Orleans: an actor with messages is scheduled as a job, and
+    whichever worker is free runs its turn. A job costs a deque append; a worker that finishes a
+    job takes the next one without going back to the event loop. A job submitted while a worker
+    runs is left to that worker, unless it is still queued when the event loop next gets control
+    (the running job awaited something): then an idle worker is woken, or a new one started, so
+    a handler that awaits for a long time never holds up the others. Idle workers beyond
+    ``keep_idle`` exit. Needs the asyncio backend (for ``call_soon``), as nats-py does.
+    """
+
+    def __init__(self, task_group: TaskGroup, *, keep_idle: int = 16) -> None:
+        self._tg = task_group
+        self._jobs: deque[tuple[Callable[..., Awaitable[Any]], tuple[Any, ...]]] = deque()
+        self._idle: deque[anyio.Event] = deque()
+        self._workers = 0
+        self._running = 0
+        self._check_pending = False
+        self._keep_idle = keep_idle
+        self._loop = asyncio.get_running_loop()
+
+    @property
+    def workers(self) -> int:
+        """How many worker tasks exist now."""
+        return self._workers
+
+    def submit(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run ``await fn(*args)`` on a worker; ``fn`` handles its own errors."""
+        self._jobs.append((fn, args))
+        if self._running == 0:
+            self._wake()
+        else:
+            self._check_soon()
+
+    def _check_soon(self) -> None:
+        if not self._check_pending:
+            self._check_pending = True
+            self._loop.call_soon(self._check)
+
+    def _check(self) -> None:
+        self._check_pending = False
+        if self._jobs:
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._idle:
+            self._idle.popleft().set()
+        else:
+            self._workers += 1
+            self._tg.start_soon(self._work, name="dispatcher worker")
+
+    async def _work(self) -> None:
+        jobs = self._jobs
+        idle = self._idle
+        try:
+            while True:
+                while jobs:
+                    fn, args = jobs.popleft()
+                    if jobs:
+                        self._check_soon()
+                    self._running += 1
+                    try:
+                        await fn(*args)
+                    except Exception:
+                        log.exception("dispatcher job failed", job=getattr(fn, "__qualname__", fn))
+                    finally:
+                        self._running -= 1
+                if len(idle) >= self._keep_idle:
+                    return
+                waiter = anyio.Event()
+                idle.append(waiter)
+                await waiter.wait()
+        finally:
+            self._workers -= 1
+
+
 class Actor(Generic[M]):
-    """An actor owns its state and a mailbox and handles one message at a time."""
+    """An actor owns its state and a mailbox and handles one message at a time.
+
+    ``tell`` queues a message; an actor with messages is scheduled once on the system's
+    dispatcher, which runs its turn: the messages queued, one by one.
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.mailbox: Mailbox[M] = Mailbox()
-        self._stopping = False
+        self._dispatcher: Dispatcher | None = None
+        self._scheduled = False
+        self._stopped = False
 
     async def on_message(self, message: M) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    async def on_failure(self, message: M, exc: Exception) -> Directive:
+    async def on_batch(self, messages: list[M]) -> None:
+        """Handle the messages queued since the last turn (default: one by one).
+
+        An actor may override this to apply several messages and persist once.
+        """
+        for message in messages:
+            await self.on_message(message)
+
+    async def on_failure(self, messages: list[M], exc: Exception) -> Directive:
         """Supervision policy for this actor (default: log and restart)."""
         log.error("actor failed", actor=self.name, exc_info=exc)
         return Directive.RESTART
@@ -100,77 +198,96 @@ class Actor(Generic[M]):
     async def on_restart(self) -> None:
         """Reset in-memory state after a failure (default: nothing)."""
 
-    async def on_stopped(self) -> None:
-        """Called once the actor stopped."""
-
     def idle(self) -> bool:
         """Called when the mailbox is empty: return True to stop (passivate) the actor now."""
         return False
 
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def tell(self, message: M) -> None:
+        """Queue ``message`` (never blocks)."""
+        if self._stopped:
+            raise anyio.ClosedResourceError(f"actor {self.name} is stopped")
+        self.mailbox.send(message)
+        if not self._scheduled:
+            dispatcher = self._dispatcher
+            if dispatcher is None:
+                raise RuntimeError(f"actor {self.name} was never spawned")
+            self._scheduled = True
+            dispatcher.submit(self._turn)
+
     def stop(self) -> None:
-        """Stop after the messages already queued."""
-        self._stopping = True
+        """Stop now; queued messages are dropped (their work messages get redelivered)."""
+        self._stopped = True
         self.mailbox.close()
 
-    async def run(self) -> None:
-        """The actor's loop (the system runs it as a task)."""
+    async def _turn(self) -> None:
         mailbox = self.mailbox
         try:
-            while True:
-                message = mailbox.get_nowait()
-                if message is None:
-                    if self._stopping or self.idle():
-                        return
-                    try:
-                        message = await mailbox.get()
-                    except anyio.EndOfStream:
-                        return
+            while not self._stopped:
+                batch = mailbox.drain()
+                if not batch:
+                    break
                 try:
-                    await self.on_message(message)
+                    await self.on_batch(batch)
                 except Exception as exc:
-                    directive = await self.on_failure(message, exc)
+                    directive = await self.on_failure(batch, exc)
                     if directive is Directive.ESCALATE:
                         raise
                     if directive is Directive.STOP:
-                        return
-                    if directive is Directive.RESTART:
+                        self.stop()
+                    elif directive is Directive.RESTART:
                         await self.on_restart()
         finally:
-            mailbox.close()
-            await self.on_stopped()
+            self._scheduled = False
+        if not self._stopped and self.idle():
+            self.stop()
 
 
 class ActorSystem:
-    """Runs actors as tasks of one task group (``async with ActorSystem() as system``)."""
+    """Actors and helper tasks in one task group (``async with ActorSystem() as system``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep_idle: int = 16) -> None:
         self._tg: TaskGroup | None = None
-        self._exit: Any = None
+        self._cm: Any = None
+        self._dispatcher: Dispatcher | None = None
+        self._keep_idle = keep_idle
 
     async def __aenter__(self) -> ActorSystem:
         self._cm = anyio.create_task_group()
         self._tg = await self._cm.__aenter__()
+        self._dispatcher = Dispatcher(self._tg, keep_idle=self._keep_idle)
         return self
 
     async def __aexit__(self, *exc: Any) -> bool | None:
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
-        result = await self._cm.__aexit__(*exc)
+        result: bool | None = await self._cm.__aexit__(*exc)
         self._tg = None
+        self._dispatcher = None
         return result
 
     @property
     def task_group(self) -> TaskGroup:
-        """The group every actor and helper task of this system runs in."""
+        """The group every worker and helper task of this system runs in."""
         if self._tg is None:
             raise RuntimeError("the actor system is not running (use `async with`)")
         return self._tg
 
+    @property
+    def dispatcher(self) -> Dispatcher:
+        """The pool that runs actor turns and other short jobs."""
+        if self._dispatcher is None:
+            raise RuntimeError("the actor system is not running (use `async with`)")
+        return self._dispatcher
+
     def spawn(self, actor: Actor[Any]) -> Actor[Any]:
-        """Start ``actor``'s loop."""
-        self.task_group.start_soon(actor.run, name=f"actor {actor.name}")
+        """Attach ``actor`` to this system; it runs whenever it has messages."""
+        actor._dispatcher = self.dispatcher
         return actor
 
     def start_soon(self, fn: Callable[..., Any], *args: Any, name: str | None = None) -> None:
-        """Run a helper task in the system's task group."""
+        """Run a long-lived helper task in the system's task group."""
         self.task_group.start_soon(fn, *args, name=name)

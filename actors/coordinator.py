@@ -80,11 +80,13 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
         self.settled = False
 
     # -- supervision
-    async def on_failure(self, message: tuple[Any, WorkMsg | None], exc: Exception) -> Directive:
+    async def on_failure(
+        self, messages: list[tuple[Any, WorkMsg | None]], exc: Exception
+    ) -> Directive:
         log.error("coordinator failed", transaction=self.transaction_id, exc_info=exc)
-        _, work = message
-        if work is not None:
-            await work.nak(delay=0.5)
+        for _, work in messages:
+            if work is not None:
+                await work.nak(delay=0.5)
         return Directive.RESTART
 
     async def on_restart(self) -> None:
@@ -101,8 +103,8 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
         return False
 
     # -- messages
-    async def on_message(self, message: tuple[Any, WorkMsg | None]) -> None:
-        msg, work = message
+    async def on_batch(self, batch: list[tuple[Any, WorkMsg | None]]) -> None:
+        """Apply every queued message, persist once, carry out the commands, then ack."""
         host = self.host
         if not self.loaded:
             self.state = await host.store.load(self.transaction_id)
@@ -112,73 +114,99 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
                 if self.state.status not in _FINAL:
                     host.rearm(self.state)
         now = host.clock()
-        reply: str | None = None
+        initial = self.state
+        commands: list[Command] = []
+        replies: list[tuple[str, TxReply]] = []
+        acks: list[WorkMsg] = []
+        answer_parent = False
+        for msg, work in batch:
+            event = await self._event(msg, work, now, replies, acks)
+            if event is None:
+                continue
+            graph = self.graph
+            assert graph is not None and self.state is not None
+            state, cmds = apply(graph, self.state, event)
+            self.state = state
+            commands.extend(cmds)
+            if isinstance(msg, TxEvent) and msg.reply is not None:
+                rejected = [c.message for c in cmds if isinstance(c, Reject)]
+                replies.append(
+                    (
+                        msg.reply,
+                        TxReply(ok=False, error=rejected[0], error_type="StepNotAwaitingError")
+                        if rejected
+                        else TxReply(ok=True),
+                    )
+                )
+            if (
+                isinstance(event, Cancel)
+                and event.parent_attempt
+                and state.status in _FINAL
+                and not any(isinstance(c, Finished) for c in cmds)
+            ):
+                answer_parent = True  # nothing left to undo: say so at once
+        state = self.state
+        if state is not None and state is not initial:
+            graph = self.graph
+            assert graph is not None
+            finished = state.status in _FINAL
+            if not finished and (initial is None or state.version != initial.version):
+                await host.store.save(state)
+            await host.execute(state, commands)
+            if answer_parent:
+                await host.notify_parent(state, action="compensate")
+            settled = not finished and is_settled(graph, state)
+            if settled and not self.settled:
+                host.notify("suspend", state)
+            self.settled = settled
+        for subject, reply in replies:
+            await host.reply(subject, reply)
+        for work in acks:
+            await work.ack()
+
+    async def _event(
+        self,
+        msg: Any,
+        work: WorkMsg | None,
+        now: float,
+        replies: list[tuple[str, TxReply]],
+        acks: list[WorkMsg],
+    ) -> Event | None:
+        """The state-machine event a message carries (``None``: nothing to apply)."""
+        host = self.host
         if isinstance(msg, StartWorkflow):
             if self.state is not None:  # a duplicate start: attach, never run twice
                 if work is not None:
-                    await work.ack()
-                return
+                    acks.append(work)
+                return None
             graph = host.graphs.get(msg.workflow)
             if graph is None:
                 await host.reject_start(msg, work)
-                return
+                return None
+            if work is not None:
+                acks.append(work)
             self.graph = graph
             self.state = new_state(graph, self.transaction_id)
-            event: Event = Begin(now=now, input=msg.input, context=msg.context, parent=msg.parent)
-        else:
-            assert isinstance(msg, TxEvent)
-            reply = msg.reply
-            event = msg.event
-            if self.state is None or self.graph is None:
-                if reply is not None:
-                    await host.reply(
-                        reply,
+            return Begin(now=now, input=msg.input, context=msg.context, parent=msg.parent)
+        if work is not None:
+            acks.append(work)
+        event: Event = msg.event
+        if self.state is None or self.graph is None:
+            if msg.reply is not None:
+                replies.append(
+                    (
+                        msg.reply,
                         TxReply(
                             ok=False,
                             error=f"transaction {self.transaction_id!r} not found",
                             error_type="TransactionNotFoundError",
                         ),
                     )
-                elif isinstance(event, Cancel) and event.parent_attempt:
-                    await host.answer_missing_child(msg)
-                if work is not None:
-                    await work.ack()
-                return
-        graph = self.graph
-        assert graph is not None and self.state is not None
-        old = self.state
-        if not isinstance(event, Begin):
-            event = _with_now(event, now)
-        state, commands = apply(graph, old, event)
-        self.state = state
-        finished = False
-        if state.version != old.version:
-            for cmd in commands:
-                if isinstance(cmd, Finished):
-                    finished = True
-            if not finished:
-                await host.store.save(state)
-        rejected = await host.execute(self, state, commands, old)
-        if (
-            isinstance(event, Cancel)
-            and event.parent_attempt
-            and state.status in _FINAL
-            and not finished
-        ):
-            await host.notify_parent(state, action="compensate")
-        if reply is not None:
-            await host.reply(
-                reply,
-                TxReply(ok=False, error=rejected, error_type="StepNotAwaitingError")
-                if rejected
-                else TxReply(ok=True),
-            )
-        settled = not finished and is_settled(graph, state)
-        if settled and not self.settled:
-            host.notify("suspend", state)
-        self.settled = settled
-        if work is not None:
-            await work.ack()
+                )
+            elif isinstance(event, Cancel) and event.parent_attempt:
+                await host.answer_missing_child(msg)
+            return None
+        return _with_now(event, now)
 
 
 def _with_now(event: Event, now: float) -> Event:
@@ -276,7 +304,7 @@ class CoordinatorHost:
         if actor is None:
             actor = self.actors[tx] = CoordinatorActor(self, tx)
             self.system.spawn(actor)
-        actor.mailbox.send((msg, work))
+        actor.tell((msg, work))
 
     def _forget(self, actor: CoordinatorActor) -> None:
         if self.actors.get(actor.transaction_id) is actor:
@@ -302,15 +330,16 @@ class CoordinatorHost:
             watcher(kind, state)
 
     # -- commands
-    async def execute(
-        self, actor: CoordinatorActor, state: TxState, commands: Iterable[Command], old: TxState
-    ) -> str | None:
-        """Carry out ``commands``; returns the message of a :class:`Reject`, if any."""
+    async def execute(self, state: TxState, commands: Iterable[Command]) -> None:
+        """Carry out ``commands`` (a :class:`Reject` is answered by the caller)."""
         transport = self.transport
         subjects = self.subjects
         tx = state.transaction_id
         wf = state.workflow
-        rejected: str | None = None
+        graph = self.graphs[wf]
+        reply_subject = subjects.tx(tx)
+        event_subject: str | None = None
+        interest = False
         for cmd in commands:
             if isinstance(cmd, Invoke):
                 data = encode_message(
@@ -324,7 +353,8 @@ class CoordinatorHost:
                         context=state.context,
                         timeout=cmd.timeout,
                         async_=cmd.async_,
-                        reply_subject=subjects.tx(tx),
+                        abortable=graph.timeout is not None,
+                        reply_subject=reply_subject,
                     )
                 )
                 await transport.enqueue(
@@ -333,9 +363,11 @@ class CoordinatorHost:
                     msg_id=f"{tx}:{cmd.step}:{cmd.action}:{cmd.attempt}",
                 )
             elif isinstance(cmd, Emit):
-                subject = subjects.event(wf, tx)
-                if transport.has_interest(subject):
-                    await transport.publish(subject, self._encode_event(cmd.event))
+                if event_subject is None:
+                    event_subject = subjects.event(wf, tx)
+                    interest = transport.has_interest(event_subject)
+                if interest:
+                    await transport.publish(event_subject, self._encode_event(cmd.event))
             elif isinstance(cmd, Finished):
                 retention = self.graphs[wf].retention
                 await self.store.finish(state, self.retention if retention is None else retention)
@@ -390,9 +422,6 @@ class CoordinatorHost:
                     cmd.payload,
                     headers={"Content-Type": "application/msgpack", "Orch-Transaction": tx},
                 )
-            elif isinstance(cmd, Reject):
-                rejected = cmd.message
-        return rejected
 
     async def notify_parent(self, state: TxState, *, action: str) -> None:
         """Tell the parent step of a nested transaction how it ended."""

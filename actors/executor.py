@@ -39,8 +39,8 @@ class _Aborted(Exception):
 class StepExecutor:
     """Runs the handlers of one step name (for every workflow that uses it) on this worker.
 
-    The work queue hands it at most ``concurrency`` un-acked commands; each runs as a task of the
-    actor system, so a slow handler never holds up the others.
+    The work queue hands it at most ``concurrency`` un-acked commands; each runs as a job of the
+    actor system's dispatcher, which grows its pool so a slow handler never holds up the others.
     """
 
     def __init__(
@@ -58,8 +58,8 @@ class StepExecutor:
         self.aborted: set[_Key] = set()
 
     def deliver(self, work: WorkMsg) -> None:
-        """The work-queue handler: start the invocation as its own task."""
-        self.host.system.start_soon(self.run, work)
+        """The work-queue handler: run the invocation on the dispatcher."""
+        self.host.system.dispatcher.submit(self.run, work)
 
     def abort(self, cmd: AbortStep) -> None:
         key = (cmd.transaction_id, cmd.action, cmd.attempt)
@@ -131,18 +131,17 @@ class StepExecutor:
                         f"step {step!r}: input does not match "
                         f"{getattr(spec.input_type, '__name__', spec.input_type)}: {exc}"
                     ) from None
-            with anyio.CancelScope() as scope:
-                self.running[key] = scope
-                try:
-                    if cmd.timeout:
-                        with anyio.fail_after(cmd.timeout):
-                            result = await _call(spec, value, ctx)
-                    else:
-                        result = await _call(spec, value, ctx)
-                finally:
-                    self.running.pop(key, None)
-            if scope.cancelled_caught:
-                raise _Aborted
+            if cmd.abortable:
+                with anyio.CancelScope() as scope:
+                    self.running[key] = scope
+                    try:
+                        result = await _call_with_timeout(spec, value, ctx, cmd.timeout)
+                    finally:
+                        self.running.pop(key, None)
+                if scope.cancelled_caught:
+                    raise _Aborted
+            else:
+                result = await _call_with_timeout(spec, value, ctx, cmd.timeout)
         except _Aborted:
             self.aborted.discard(key)
             return _failed(
@@ -190,6 +189,15 @@ class StepExecutor:
         except Exception as exc:
             return _failed(cmd, clock(), error_from_exception(exc, step, action, attempt))
         return _classify(cmd, result, clock())
+
+
+async def _call_with_timeout(
+    spec: _HandlerSpec, value: Any, ctx: StepContext, timeout: float | None
+) -> Any:
+    if timeout:
+        with anyio.fail_after(timeout):
+            return await _call(spec, value, ctx)
+    return await _call(spec, value, ctx)
 
 
 async def _call(spec: _HandlerSpec, value: Any, ctx: StepContext) -> Any:

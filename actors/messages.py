@@ -61,6 +61,8 @@ class StepCommand(msgspec.Struct, frozen=True, kw_only=True, tag="step", forbid_
     context: bytes = b"\x80"
     timeout: float | None = None
     async_: bool = False
+    abortable: bool = False
+    """The workflow has a timeout: the handler may be cancelled by an :class:`AbortStep`."""
     reply_subject: str
 
 

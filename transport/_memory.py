@@ -182,8 +182,12 @@ class MemoryTransport(Transport):
         await self._scheduler.tick()
 
     def has_interest(self, subject: str) -> bool:
-        route = self._routes.get(subject) or self._route(subject)
-        return not route.empty
+        route = self._routes.get(subject)
+        if route is not None:
+            return not route.empty
+        # Not cached on purpose: callers ask about one-off subjects (one per transaction).
+        tokens = split_subject(subject)
+        return any(matches(sub.pattern, tokens) for sub in self._subscriptions)
 
     async def subscribe(
         self, subject: str, handler: Handler, *, queue: str | None = None

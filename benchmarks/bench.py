@@ -1,0 +1,189 @@
+"""Throughput and latency of the four workloads of ../shared/peers/medusa, on LocalEngine.
+
+    python benchmarks/bench.py                 # all cases, one JSON line each
+    python benchmarks/bench.py --cases a,c     # some of them
+
+Same shapes, counts, warm-up and percentile rule as Medusa's ``bench.mjs``:
+(a) linear 3-step workflow, N=2000, one at a time; (b) the same, 50 in flight; (c) a 10-way
+``parallelize`` fan-out, N=500, one at a time; (d) a 3-step workflow whose 3rd step fails, so 2
+compensations run, N=1000, one at a time. Steps are trivial async functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from orchestrator import (
+    LocalEngine,
+    StepResponse,
+    WorkflowResponse,
+    create_step,
+    create_workflow,
+    parallelize,
+)
+
+WARMUP = 500
+
+
+async def _inc(input: dict[str, Any], ctx: Any) -> StepResponse[dict[str, int]]:
+    return StepResponse({"i": input["i"] + 1})
+
+
+async def _noop(input: Any, ctx: Any) -> None:
+    return None
+
+
+s1 = create_step("b-s1", _inc, _noop)
+s2 = create_step("b-s2", _inc, _noop)
+s3 = create_step("b-s3", _inc, _noop)
+
+
+@create_workflow("bench-linear3")
+def linear(input: Any) -> WorkflowResponse:
+    return WorkflowResponse(s3(s2(s1(input))))
+
+
+def _fan_step(k: int) -> Any:
+    async def fan(input: dict[str, Any], ctx: Any) -> StepResponse[dict[str, int]]:
+        return StepResponse({"k": k, "i": input["i"]})
+
+    return create_step(f"b-fan-{k}", fan, _noop)
+
+
+fan_steps = [_fan_step(k) for k in range(10)]
+
+
+@create_workflow("bench-fanout10")
+def fanout(input: Any) -> WorkflowResponse:
+    return WorkflowResponse(list(parallelize(*(s(input) for s in fan_steps))))
+
+
+compensations = 0
+
+
+async def _count(input: Any, ctx: Any) -> None:
+    global compensations
+    compensations += 1
+
+
+async def _boom(input: Any, ctx: Any) -> None:
+    raise RuntimeError("boom")
+
+
+f1 = create_step("b-f1", _inc, _count)
+f2 = create_step("b-f2", _inc, _count)
+f3 = create_step("b-f3", _boom)  # no compensation: exactly 2 compensations run
+
+
+@create_workflow("bench-fail3")
+def failing(input: Any) -> WorkflowResponse:
+    return WorkflowResponse(f3(f2(f1(input))))
+
+
+WORKFLOWS = [linear, fanout, failing]
+
+
+def _ok_linear(r: Any, i: int) -> None:
+    if r.state.value != "done" or r.result["i"] != i + 3:
+        raise AssertionError(f"bad linear result {r.result!r}")
+
+
+def _ok_fan(r: Any, i: int) -> None:
+    if r.state.value != "done" or len(r.result) != 10:
+        raise AssertionError("bad fanout result")
+
+
+def _ok_fail(r: Any, i: int) -> None:
+    if r.state.value != "reverted":
+        raise AssertionError(f"bad fail state {r.state}")
+
+
+CASES = [
+    {"id": "a", "label": "linear3 sequential", "wf": linear, "n": 2000, "c": 1, "check": _ok_linear},
+    {"id": "b", "label": "linear3 concurrency=50", "wf": linear, "n": 2000, "c": 50, "check": _ok_linear},
+    {"id": "c", "label": "fanout10 parallelize sequential", "wf": fanout, "n": 500, "c": 1, "check": _ok_fan},
+    {"id": "d", "label": "fail@3 + 2 compensations sequential", "wf": failing, "n": 1000, "c": 1, "check": _ok_fail},
+]  # fmt: skip
+
+
+def pct(values: list[float], p: float) -> float:
+    """Medusa's rule: the ceil(p% * n)-th smallest value."""
+    idx = min(len(values) - 1, max(0, math.ceil(p / 100 * len(values)) - 1))
+    return values[idx]
+
+
+async def measure(
+    run: Callable[[int], Awaitable[Any]], n: int, concurrency: int, check: Callable[[Any, int], None]
+) -> dict[str, Any]:
+    lat = [0.0] * n
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        for i in counter:
+            s = time.perf_counter()
+            r = await run(i)
+            lat[i] = (time.perf_counter() - s) * 1000
+            check(r, i)
+
+    t0 = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for _ in range(concurrency):
+            tg.start_soon(worker)
+    total = (time.perf_counter() - t0) * 1000
+    lat.sort()
+    return {
+        "n": n,
+        "concurrency": concurrency,
+        "total_ms": round(total, 1),
+        "wf_per_sec": round(n / total * 1000, 1),
+        "p50_ms": round(pct(lat, 50), 3),
+        "p99_ms": round(pct(lat, 99), 3),
+        "max_ms": round(lat[-1], 3),
+    }
+
+
+async def bench_local(cases: list[dict[str, Any]]) -> None:
+    global compensations
+    async with LocalEngine(WORKFLOWS) as engine:
+        for case in cases:
+            wf = case["wf"]
+
+            async def run(i: int, wf: Any = wf) -> Any:
+                return await engine.run(wf, {"i": i}, throw_on_error=False)
+
+            await measure(run, min(WARMUP, case["n"]), case["c"], case["check"])
+            compensations = 0
+            m = await measure(run, case["n"], case["c"], case["check"])
+            if case["id"] == "d" and compensations != 2 * case["n"]:
+                raise AssertionError(f"expected {2 * case['n']} compensations, got {compensations}")
+            print(json.dumps({"mode": "local", "case": case["id"], "label": case["label"], **m}))
+            sys.stdout.flush()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", default="local", choices=["local"])
+    parser.add_argument("--cases", default="a,b,c,d", help="comma-separated case ids")
+    args = parser.parse_args()
+    wanted = set(args.cases.split(","))
+    cases = [c for c in CASES if c["id"] in wanted]
+    load = "/".join(f"{x:.2f}" for x in os.getloadavg())
+    print(
+        f"# python {platform.python_version()} | {platform.system().lower()}/{platform.machine()}"
+        f" | {os.cpu_count()} cpu | loadavg(1/5/15m) {load}"
+    )
+    anyio.run(bench_local, cases)
+
+
+if __name__ == "__main__":
+    main()
