@@ -19,6 +19,7 @@ from .messages import Message as Message
 from .messages import StartWorkflow as StartWorkflow
 from .messages import StepCommand as StepCommand
 from .messages import TxEvent as TxEvent
+from .messages import TxEventBody as TxEventBody
 from .messages import TxReply as TxReply
 from .messages import decode_message as decode_message
 from .messages import encode_message as encode_message
@@ -42,6 +43,7 @@ __all__ = [
     "Subjects",
     "Timers",
     "TxEvent",
+    "TxEventBody",
     "TxReply",
     "decode_message",
     "encode_message",

@@ -124,7 +124,8 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
             if event is None:
                 continue
             graph = self.graph
-            assert graph is not None and self.state is not None
+            assert graph is not None
+            assert self.state is not None
             state, cmds = apply(graph, self.state, event)
             self.state = state
             commands.extend(cmds)
@@ -145,8 +146,9 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
                 and not any(isinstance(c, Finished) for c in cmds)
             ):
                 answer_parent = True  # nothing left to undo: say so at once
-        state = self.state
-        if state is not None and state is not initial:
+        final_state = self.state
+        if final_state is not None and final_state is not initial:
+            state = final_state
             graph = self.graph
             assert graph is not None
             finished = state.status in _FINAL
@@ -268,14 +270,17 @@ class CoordinatorHost:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             if msg.reply:
                 await self.reply(
-                    msg.reply, TxReply(ok=False, error=f"bad request: {exc}", error_type="ValueError")
+                    msg.reply,
+                    TxReply(ok=False, error=f"bad request: {exc}", error_type="ValueError"),
                 )
             return
         if not isinstance(request, TxEvent):
             if msg.reply:
                 await self.reply(
                     msg.reply,
-                    TxReply(ok=False, error="expected a transaction event", error_type="ValueError"),
+                    TxReply(
+                        ok=False, error="expected a transaction event", error_type="ValueError"
+                    ),
                 )
             return
         await self.transport.enqueue(
@@ -462,9 +467,7 @@ class CoordinatorHost:
             workflow=msg.workflow,
             transaction_id=msg.transaction_id,
             timestamp=self.clock(),
-            error=StepError(
-                step="", action="start", type=type(error).__name__, message=str(error)
-            ),
+            error=StepError(step="", action="start", type=type(error).__name__, message=str(error)),
         )
         if self.transport.has_interest(subject):
             await self.transport.publish(subject, self._encode_event(event))

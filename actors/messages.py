@@ -22,15 +22,20 @@ __all__ = [
     "StartWorkflow",
     "StepCommand",
     "TxEvent",
+    "TxEventBody",
     "TxReply",
     "decode_message",
     "encode_message",
 ]
 
-TxEventBody = Begin | StepDone | StepFailed | Complete | TimerFired | Cancel | ChildFinished | RetryStep
+TxEventBody = (
+    Begin | StepDone | StepFailed | Complete | TimerFired | Cancel | ChildFinished | RetryStep
+)
 
 
-class StartWorkflow(msgspec.Struct, frozen=True, kw_only=True, tag="start", forbid_unknown_fields=True):
+class StartWorkflow(
+    msgspec.Struct, frozen=True, kw_only=True, tag="start", forbid_unknown_fields=True
+):
     """Start (or attach to) a transaction of ``workflow``."""
 
     workflow: str
@@ -49,7 +54,9 @@ class TxEvent(msgspec.Struct, frozen=True, kw_only=True, tag="tx", forbid_unknow
     reply: str | None = None
 
 
-class StepCommand(msgspec.Struct, frozen=True, kw_only=True, tag="step", forbid_unknown_fields=True):
+class StepCommand(
+    msgspec.Struct, frozen=True, kw_only=True, tag="step", forbid_unknown_fields=True
+):
     """Run ``action`` of ``step`` for a transaction; the answer goes to ``reply_subject``."""
 
     workflow: str

@@ -108,12 +108,16 @@ def _ok_fail(r: Any, i: int) -> None:
         raise AssertionError(f"bad fail state {r.state}")
 
 
+def _case(id: str, label: str, wf: Any, n: int, c: int, check: Any) -> dict[str, Any]:
+    return {"id": id, "label": label, "wf": wf, "n": n, "c": c, "check": check}
+
+
 CASES = [
-    {"id": "a", "label": "linear3 sequential", "wf": linear, "n": 2000, "c": 1, "check": _ok_linear},
-    {"id": "b", "label": "linear3 concurrency=50", "wf": linear, "n": 2000, "c": 50, "check": _ok_linear},
-    {"id": "c", "label": "fanout10 parallelize sequential", "wf": fanout, "n": 500, "c": 1, "check": _ok_fan},
-    {"id": "d", "label": "fail@3 + 2 compensations sequential", "wf": failing, "n": 1000, "c": 1, "check": _ok_fail},
-]  # fmt: skip
+    _case("a", "linear3 sequential", linear, 2000, 1, _ok_linear),
+    _case("b", "linear3 concurrency=50", linear, 2000, 50, _ok_linear),
+    _case("c", "fanout10 parallelize sequential", fanout, 500, 1, _ok_fan),
+    _case("d", "fail@3 + 2 compensations sequential", failing, 1000, 1, _ok_fail),
+]
 
 
 def pct(values: list[float], p: float) -> float:
@@ -123,7 +127,10 @@ def pct(values: list[float], p: float) -> float:
 
 
 async def measure(
-    run: Callable[[int], Awaitable[Any]], n: int, concurrency: int, check: Callable[[Any, int], None]
+    run: Callable[[int], Awaitable[Any]],
+    n: int,
+    concurrency: int,
+    check: Callable[[Any, int], None],
 ) -> dict[str, Any]:
     lat = [0.0] * n
     counter = iter(range(n))

@@ -121,9 +121,7 @@ def _current(what: str) -> _Recorder:
 
 
 # ------------------------------------------------------------------------------------ proxies
-_FORBIDDEN = (
-    "use transform(...) to compute with it, or when(...) to branch on it"
-)
+_FORBIDDEN = "use transform(...) to compute with it, or when(...) to branch on it"
 
 
 class WorkflowData:
@@ -133,6 +131,8 @@ class WorkflowData:
     """
 
     __slots__ = ("_expr", "_units")
+    _expr: Expr
+    _units: tuple[_Unit, ...]
 
     def __init__(self, expr: Expr, units: tuple[_Unit, ...] = ()) -> None:
         object.__setattr__(self, "_expr", expr)
@@ -173,10 +173,10 @@ class WorkflowData:
     def __contains__(self, item: Any) -> NoReturn:
         self._refuse("'in'")
 
-    def __eq__(self, other: object) -> NoReturn:  # type: ignore[override]
+    def __eq__(self, other: object) -> NoReturn:
         self._refuse("comparison (==)")
 
-    def __ne__(self, other: object) -> NoReturn:  # type: ignore[override]
+    def __ne__(self, other: object) -> NoReturn:
         self._refuse("comparison (!=)")
 
     __hash__ = object.__hash__
@@ -210,7 +210,7 @@ class StepRef(WorkflowData):
 
     __slots__ = ()
 
-    def config(self, name: str | None = None, **options: Any) -> StepRef:  # type: ignore[override]
+    def config(self, name: str | None = None, **options: Any) -> StepRef:
         """Rename this use of the step and/or override its options."""
         (unit,) = self._units
         if name is not None:
@@ -391,9 +391,7 @@ class Hook:
         return WorkflowData(HookResultExpr(self.name, self._unit.validator), (self._unit,))
 
 
-def create_hook(
-    name: str, payload: Any, result_validator: Any = None
-) -> Hook:
+def create_hook(name: str, payload: Any, result_validator: Any = None) -> Hook:
     """A point where the workflow publishes ``payload`` and runs the hook's handlers as steps.
 
     ``result_validator`` checks the handlers' output: a callable, an object with ``parse``

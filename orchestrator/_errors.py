@@ -77,7 +77,9 @@ class WorkflowFailedError(OrchestratorError):
 
     def __init__(self, result: WorkflowResult) -> None:
         first = result.errors[0] if result.errors else None
-        detail = f": {first.step} ({first.action}) raised {first.type}: {first.message}" if first else ""
+        detail = (
+            f": {first.step} ({first.action}) raised {first.type}: {first.message}" if first else ""
+        )
         super().__init__(
             f"workflow {result.workflow!r} transaction {result.transaction_id!r} "
             f"ended {result.state.value}{detail}"

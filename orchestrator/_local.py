@@ -20,6 +20,7 @@ from actors import (
     Store,
     Subjects,
     TxEvent,
+    TxEventBody,
     TxReply,
     decode_message,
     encode_message,
@@ -40,7 +41,6 @@ from ._step import Step, as_container
 from ._transaction import (
     Cancel,
     Complete,
-    Event,
     RetryStep,
     TxState,
     is_settled,
@@ -228,7 +228,9 @@ class LocalEngine:
         """
         wf = self._workflow(workflow)
         if result_from is not None and result_from not in wf.graph.index:
-            raise ConfigurationError(f"result_from: workflow {wf.name!r} has no step {result_from!r}")
+            raise ConfigurationError(
+                f"result_from: workflow {wf.name!r} has no step {result_from!r}"
+            )
         tx = transaction_id or f"{wf.name}-{uuid.uuid4().hex}"
         state = await self._start(wf, tx, input, context, timeout, settle=True)
         return self._finish(state, throw_on_error, result_from)
@@ -362,7 +364,7 @@ class LocalEngine:
         ]
 
     # -- acting on a transaction
-    async def _request(self, verb: str, state: TxState, event: Event) -> None:
+    async def _request(self, verb: str, state: TxState, event: TxEventBody) -> None:
         msg = TxEvent(workflow=state.workflow, transaction_id=state.transaction_id, event=event)
         reply: Msg = await self.transport.request(
             self.subjects.api(verb), encode_message(msg), timeout=30
@@ -373,9 +375,7 @@ class LocalEngine:
                 raise TransactionNotFoundError(answer.error or "transaction not found")
             raise StepNotAwaitingError(answer.error or "rejected")
 
-    async def cancel(
-        self, transaction_id: str, *, timeout: float | None = None
-    ) -> WorkflowResult:
+    async def cancel(self, transaction_id: str, *, timeout: float | None = None) -> WorkflowResult:
         """Compensate a running or finished (retained) transaction; its final result."""
         state = await self.store.load(transaction_id)
         if state is None:
@@ -434,7 +434,7 @@ class LocalEngine:
         return await self._external(state, "retry_step", RetryStep(now=0.0, step=step), timeout)
 
     async def _external(
-        self, state: TxState, verb: str, event: Event, timeout: float | None
+        self, state: TxState, verb: str, event: TxEventBody, timeout: float | None
     ) -> WorkflowResult:
         await self._request(verb, state, event)
         final = await self._await(state.transaction_id, timeout, settle=True)

@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar, overload
 import msgspec
 import structlog
 
-from ._errors import CompositionError, ConfigurationError, PermanentFailure
+from ._errors import ConfigurationError, PermanentFailure
 
 __all__ = [
     "Handler",
@@ -102,7 +102,9 @@ class StepResponse(Generic[T]):
 
     def __init__(self, output: T = None, compensate_input: Any = _UNSET) -> None:  # type: ignore[assignment]
         self.output = output
-        self.compensate_input = output if compensate_input is StepResponse._UNSET else compensate_input
+        self.compensate_input = (
+            output if compensate_input is StepResponse._UNSET else compensate_input
+        )
 
     @staticmethod
     def permanent_failure(
@@ -345,4 +347,3 @@ def create_step(
 
         return decorate
     return Step(name, invoke, compensate, cfg)
-

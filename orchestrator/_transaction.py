@@ -487,11 +487,7 @@ class _Machine(Resolver):
             self.emit("compensate_step_failure", node.name, event.attempt, event.error)
             return
         status = self.state.status
-        if (
-            not event.permanent
-            and status == T_INVOKING
-            and record.failures < config.max_retries
-        ):
+        if not event.permanent and status == T_INVOKING and record.failures < config.max_retries:
             record.failures += 1
             self.emit("step_failure", node.name, event.attempt, event.error)
             self.schedule_retry(node, record, INVOKE, record.failures)
@@ -538,7 +534,9 @@ class _Machine(Resolver):
         record.retry_at = self.now + delay
         attempt = record.attempt if action == INVOKE else record.comp_attempt
         self.commands.append(
-            SetTimer(at=record.retry_at, kind="retry", step=node.name, action=action, attempt=attempt)
+            SetTimer(
+                at=record.retry_at, kind="retry", step=node.name, action=action, attempt=attempt
+            )
         )
 
     # -- external completion, timers, children, cancel
@@ -761,7 +759,9 @@ class _Machine(Resolver):
                 try:
                     data = self.resolve_bytes(node.input, f"input of step {node.name!r}")
                 except Exception as exc:
-                    self.fail_for_good(node, record, error_from_exception(exc, node.name, action, attempt))
+                    self.fail_for_good(
+                        node, record, error_from_exception(exc, node.name, action, attempt)
+                    )
                     return
                 child = f"{node.workflow}-as-step-{tx}"
                 if attempt > 1:
@@ -782,7 +782,9 @@ class _Machine(Resolver):
             try:
                 data = self.resolve_bytes(node.input, f"input of step {node.name!r}")
             except Exception as exc:
-                self.fail_for_good(node, record, error_from_exception(exc, node.name, action, attempt))
+                self.fail_for_good(
+                    node, record, error_from_exception(exc, node.name, action, attempt)
+                )
                 return
             config = node.config
             self.emit("step_begin", node.name, attempt)
@@ -811,7 +813,8 @@ class _Machine(Resolver):
         attempt = record.comp_attempt
         self.emit("compensate_step_begin", node.name, attempt)
         if node.kind == "subflow":
-            assert node.workflow is not None and record.child is not None
+            assert node.workflow is not None
+            assert record.child is not None
             self.commands.append(
                 CancelChild(
                     step=node.name,
@@ -874,7 +877,9 @@ class _Machine(Resolver):
                     payload = self.resolve_bytes(node.input, f"payload of hook {node.name!r}")
                 except Exception as exc:
                     record.attempt = 1
-                    self.fail_for_good(node, record, error_from_exception(exc, node.name, INVOKE, 1))
+                    self.fail_for_good(
+                        node, record, error_from_exception(exc, node.name, INVOKE, 1)
+                    )
                     continue
                 record.state = DONE
                 record.attempt = 1
@@ -1046,4 +1051,3 @@ def to_result(state: TxState, graph: Graph | None = None) -> WorkflowResult:
         created_at=state.created_at,
         finished_at=state.finished_at,
     )
-

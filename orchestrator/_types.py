@@ -17,7 +17,7 @@ __all__ = [
 ]
 
 
-class TransactionState(str, enum.Enum):
+class TransactionState(enum.StrEnum):
     """The state of a workflow transaction."""
 
     NOT_STARTED = "not_started"
@@ -37,7 +37,7 @@ class TransactionState(str, enum.Enum):
 _FINAL = frozenset({TransactionState.DONE, TransactionState.REVERTED, TransactionState.FAILED})
 
 
-class StepState(str, enum.Enum):
+class StepState(enum.StrEnum):
     """The state of one step of a transaction (invoke side, then compensation side)."""
 
     NOT_STARTED = "not_started"
