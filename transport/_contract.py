@@ -322,7 +322,7 @@ class Transport(ABC):
         data: bytes,
         *,
         headers: Mapping[str, str] | None = None,
-        timeout: float = 5.0,  # noqa: ASYNC109 - the contract names it, as nats-py does
+        timeout: float = 5.0,
     ) -> Msg:
         """Publish with a reply subject and return the first reply.
 

@@ -206,7 +206,7 @@ class MemoryTransport(Transport):
         data: bytes,
         *,
         headers: Mapping[str, str] | None = None,
-        timeout: float = 5.0,  # noqa: ASYNC109 - the contract names it, as nats-py does
+        timeout: float = 5.0,
     ) -> Msg:
         self._check_open()
         route = self._routes.get(subject) or self._route(subject)
