@@ -70,10 +70,11 @@ _event_encoder = msgspec.msgpack.Encoder()
 class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
     """The coordinator of one transaction."""
 
-    def __init__(self, host: CoordinatorHost, transaction_id: str) -> None:
+    def __init__(self, host: CoordinatorHost, workflow: str, transaction_id: str) -> None:
         super().__init__(f"coordinator {transaction_id}")
         self.host = host
         self.transaction_id = transaction_id
+        self.event_subject = host.subjects.event(workflow, transaction_id)
         self.state: TxState | None = None
         self.graph: Graph | None = None
         self.loaded = False
@@ -115,6 +116,7 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
                     host.rearm(self.state)
         now = host.clock()
         initial = self.state
+        events = host.transport.has_interest(self.event_subject)
         commands: list[Command] = []
         replies: list[tuple[str, TxReply]] = []
         acks: list[WorkMsg] = []
@@ -126,7 +128,7 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
             graph = self.graph
             assert graph is not None
             assert self.state is not None
-            state, cmds = apply(graph, self.state, event)
+            state, cmds = apply(graph, self.state, event, events=events)
             self.state = state
             commands.extend(cmds)
             if isinstance(msg, TxEvent) and msg.reply is not None:
@@ -157,7 +159,7 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
             await host.execute(state, commands)
             if answer_parent:
                 await host.notify_parent(state, action="compensate")
-            settled = not finished and is_settled(graph, state)
+            settled = not finished and graph.has_async and is_settled(graph, state)
             if settled and not self.settled:
                 host.notify("suspend", state)
             self.settled = settled
@@ -242,6 +244,7 @@ class CoordinatorHost:
         self.actors: dict[str, CoordinatorActor] = {}
         self.watchers: dict[str, list[Watcher]] = {}
         self.timers = Timers(self._fire_timer, clock)
+        self._step_subjects: dict[str, str] = {}
         self._encode_event = _event_encoder.encode
 
     async def start(self) -> None:
@@ -307,7 +310,7 @@ class CoordinatorHost:
         tx = msg.transaction_id
         actor = self.actors.get(tx)
         if actor is None:
-            actor = self.actors[tx] = CoordinatorActor(self, tx)
+            actor = self.actors[tx] = CoordinatorActor(self, msg.workflow, tx)
             self.system.spawn(actor)
         actor.tell((msg, work))
 
@@ -343,8 +346,7 @@ class CoordinatorHost:
         wf = state.workflow
         graph = self.graphs[wf]
         reply_subject = subjects.tx(tx)
-        event_subject: str | None = None
-        interest = False
+        step_subjects = self._step_subjects
         for cmd in commands:
             if isinstance(cmd, Invoke):
                 data = encode_message(
@@ -362,17 +364,16 @@ class CoordinatorHost:
                         reply_subject=reply_subject,
                     )
                 )
+                subject = step_subjects.get(cmd.step)
+                if subject is None:
+                    subject = step_subjects[cmd.step] = subjects.step(cmd.step)
                 await transport.enqueue(
-                    subjects.step(cmd.step),
+                    subject,
                     data,
                     msg_id=f"{tx}:{cmd.step}:{cmd.action}:{cmd.attempt}",
                 )
             elif isinstance(cmd, Emit):
-                if event_subject is None:
-                    event_subject = subjects.event(wf, tx)
-                    interest = transport.has_interest(event_subject)
-                if interest:
-                    await transport.publish(event_subject, self._encode_event(cmd.event))
+                await transport.publish(subjects.event(wf, tx), self._encode_event(cmd.event))
             elif isinstance(cmd, Finished):
                 retention = self.graphs[wf].retention
                 await self.store.finish(state, self.retention if retention is None else retention)

@@ -223,6 +223,7 @@ class Graph:
     __slots__ = (
         "async_nodes",
         "definition_hash",
+        "has_async",
         "hook_handlers",
         "idempotent",
         "index",
@@ -270,12 +271,9 @@ class Graph:
             for n in nodes
             if n.config.async_ or (n.kind == "subflow" and n.workflow in async_children)
         )
-        self.definition_hash = _hash(self)
-
-    @property
-    def has_async(self) -> bool:
+        self.has_async = bool(self.async_nodes) or any(n.config.compensate_async for n in nodes)
         """True when some step completes later (the workflow is long-running)."""
-        return bool(self.async_nodes) or any(n.config.compensate_async for n in self.nodes)
+        self.definition_hash = _hash(self)
 
 
 def _describe(obj: Any) -> Any:

@@ -9,6 +9,7 @@ The rules are those of DESIGN.md section 3; the comments name the ones that are 
 
 from __future__ import annotations
 
+import linecache
 import traceback as _tb
 from typing import Any
 
@@ -286,6 +287,30 @@ class Reject(Command, frozen=True, kw_only=True, tag="reject"):
 
 
 # ---------------------------------------------------------------------------------- machine
+def format_traceback(exc: BaseException) -> str:
+    """The traceback text of ``exc``, in the usual layout.
+
+    Cheaper than :func:`traceback.format_exception`, which on 3.11 compiles each source line to
+    place its carets: a failing step pays for its traceback on the hot path. Chained causes are
+    summarised in one line each.
+    """
+    lines = ["Traceback (most recent call last):\n"]
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        lines.append(f'  File "{code.co_filename}", line {tb.tb_lineno}, in {code.co_name}\n')
+        source = linecache.getline(code.co_filename, tb.tb_lineno).strip()
+        if source:
+            lines.append(f"    {source}\n")
+        tb = tb.tb_next
+    lines.extend(_tb.format_exception_only(type(exc), exc))
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None:
+        lines.append("caused by: " + "".join(_tb.format_exception_only(type(cause), cause)))
+        cause = cause.__cause__ or cause.__context__
+    return "".join(lines)
+
+
 def error_from_exception(exc: BaseException, step: str, action: str, attempt: int) -> StepError:
     """A :class:`StepError` with the exception's type, message and traceback text."""
     return StepError(
@@ -293,14 +318,19 @@ def error_from_exception(exc: BaseException, step: str, action: str, attempt: in
         action=action,
         type=type(exc).__name__,
         message=str(exc),
-        traceback="".join(_tb.format_exception(exc)),
+        traceback=format_traceback(exc),
         attempt=attempt,
     )
 
 
-def apply(graph: Graph, state: TxState, event: Event) -> tuple[TxState, list[Command]]:
-    """Apply ``event`` to ``state``: the new state and the commands to carry out."""
-    machine = _Machine(graph, state)
+def apply(
+    graph: Graph, state: TxState, event: Event, *, events: bool = True
+) -> tuple[TxState, list[Command]]:
+    """Apply ``event`` to ``state``: the new state and the commands to carry out.
+
+    ``events=False`` leaves out the :class:`Emit` commands (nobody listens to lifecycle events).
+    """
+    machine = _Machine(graph, state, events)
     machine.handle(event)
     if machine.changed:
         machine.state.version += 1
@@ -308,10 +338,11 @@ def apply(graph: Graph, state: TxState, event: Event) -> tuple[TxState, list[Com
 
 
 class _Machine(Resolver):
-    __slots__ = ("changed", "commands", "copied", "graph", "now", "state")
+    __slots__ = ("changed", "commands", "copied", "events", "graph", "now", "state")
 
-    def __init__(self, graph: Graph, state: TxState) -> None:
+    def __init__(self, graph: Graph, state: TxState, events: bool = True) -> None:
         self.graph = graph
+        self.events = events
         self.state = msgspec.structs.replace(
             state,
             steps=dict(state.steps),
@@ -343,6 +374,8 @@ class _Machine(Resolver):
         error: StepError | None = None,
         **extra: Any,
     ) -> None:
+        if not self.events:
+            return
         s = self.state
         self.commands.append(
             Emit(
