@@ -4,6 +4,8 @@ A Python re-creation of Medusa's workflows SDK: compose steps (an action and an 
 compensation) into workflows, run them in-process with :class:`LocalEngine`, or on NATS services.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._composer import Hook as Hook
 from ._composer import Workflow as Workflow
 from ._composer import WorkflowData as WorkflowData
@@ -24,8 +26,6 @@ from ._errors import TransactionNotFoundError as TransactionNotFoundError
 from ._errors import UnknownWorkflowError as UnknownWorkflowError
 from ._errors import WorkflowFailedError as WorkflowFailedError
 from ._errors import WorkflowTimeoutError as WorkflowTimeoutError
-from ._local import LocalEngine as LocalEngine
-from ._local import TransactionHandle as TransactionHandle
 from ._step import Step as Step
 from ._step import StepConfig as StepConfig
 from ._step import StepContext as StepContext
@@ -37,6 +37,10 @@ from ._types import StepInfo as StepInfo
 from ._types import StepState as StepState
 from ._types import TransactionState as TransactionState
 from ._types import WorkflowResult as WorkflowResult
+
+if TYPE_CHECKING:
+    from ._local import LocalEngine as LocalEngine
+    from ._local import TransactionHandle as TransactionHandle
 
 __all__ = [
     "CompositionError",
@@ -73,3 +77,18 @@ __all__ = [
     "transform",
     "when",
 ]
+
+# The engines sit on the actor runtime, which imports this package's core modules: importing
+# them lazily lets `import actors` come first.
+_LAZY = {"LocalEngine": "._local", "TransactionHandle": "._local"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
