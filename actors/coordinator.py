@@ -33,7 +33,7 @@ from orchestrator._transaction import (
     StartChild,
     TimerFired,
     TxState,
-    apply,
+    apply_all,
     is_settled,
     new_state,
 )
@@ -116,22 +116,29 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
                     host.rearm(self.state)
         now = host.clock()
         initial = self.state
-        events = host.transport.has_interest(self.event_subject)
+        interest = host.transport.has_interest(self.event_subject)
         commands: list[Command] = []
         replies: list[tuple[str, TxReply]] = []
         acks: list[WorkMsg] = []
         answer_parent = False
+        events: list[Event] = []
         for msg, work in batch:
-            event = await self._event(msg, work, now, replies, acks)
+            event = await self._event(msg, work, replies, acks)
             if event is None:
                 continue
-            graph = self.graph
-            assert graph is not None
-            assert self.state is not None
-            state, cmds = apply(graph, self.state, event, events=events)
-            self.state = state
-            commands.extend(cmds)
+            events.append(event)
             if isinstance(msg, TxEvent) and msg.reply is not None:
+                # Answered one by one: the caller needs to know whether its own event applied.
+                graph = self.graph
+                assert graph is not None
+                assert self.state is not None
+                for earlier in (events[:-1], [event]):
+                    if earlier:
+                        self.state, cmds = apply_all(
+                            graph, self.state, earlier, now=now, events=interest
+                        )
+                        commands.extend(cmds)
+                events.clear()
                 rejected = [c.message for c in cmds if isinstance(c, Reject)]
                 replies.append(
                     (
@@ -141,13 +148,19 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
                         else TxReply(ok=True),
                     )
                 )
-            if (
-                isinstance(event, Cancel)
-                and event.parent_attempt
-                and state.status in _FINAL
-                and not any(isinstance(c, Finished) for c in cmds)
-            ):
-                answer_parent = True  # nothing left to undo: say so at once
+        if events:
+            graph = self.graph
+            assert graph is not None
+            assert self.state is not None
+            self.state, cmds = apply_all(graph, self.state, events, now=now, events=interest)
+            commands.extend(cmds)
+        if self.state is not None and self.state.status in _FINAL:
+            answer_parent = any(
+                isinstance(msg, TxEvent)
+                and isinstance(msg.event, Cancel)
+                and msg.event.parent_attempt
+                for msg, _ in batch
+            ) and not any(isinstance(c, Finished) for c in commands)
         final_state = self.state
         if final_state is not None and final_state is not initial:
             state = final_state
@@ -172,7 +185,6 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
         self,
         msg: Any,
         work: WorkMsg | None,
-        now: float,
         replies: list[tuple[str, TxReply]],
         acks: list[WorkMsg],
     ) -> Event | None:
@@ -191,7 +203,7 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
                 acks.append(work)
             self.graph = graph
             self.state = new_state(graph, self.transaction_id)
-            return Begin(now=now, input=msg.input, context=msg.context, parent=msg.parent)
+            return Begin(now=0.0, input=msg.input, context=msg.context, parent=msg.parent)
         if work is not None:
             acks.append(work)
         event: Event = msg.event
@@ -210,14 +222,7 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
             elif isinstance(event, Cancel) and event.parent_attempt:
                 await host.answer_missing_child(msg)
             return None
-        return _with_now(event, now)
-
-
-def _with_now(event: Event, now: float) -> Event:
-    # Results carry the executor's clock; the coordinator's is the one the state runs on.
-    if event.now == now:
         return event
-    return msgspec.structs.replace(event, now=now)
 
 
 class CoordinatorHost:

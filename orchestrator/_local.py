@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import uuid
+import os
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
@@ -51,6 +51,22 @@ from ._types import LifecycleEvent, StepError, TransactionState, WorkflowResult
 __all__ = ["LocalEngine", "TransactionHandle"]
 
 DEFAULT_RETENTION = 86400.0
+_EMPTY_CONTEXT = encode_value({}, "context")
+
+
+def _new_id(workflow: str) -> str:
+    """A fresh transaction id: the workflow name and 96 random bits."""
+    return f"{workflow}-{os.urandom(12).hex()}"
+
+
+async def _wait(event: anyio.Event, timeout: float | None) -> None:
+    if timeout is None:
+        await event.wait()  # no cancel scope on the hot path
+    else:
+        with anyio.fail_after(timeout):
+            await event.wait()
+
+
 _event_decoder = msgspec.msgpack.Decoder(LifecycleEvent)
 
 
@@ -231,7 +247,7 @@ class LocalEngine:
             raise ConfigurationError(
                 f"result_from: workflow {wf.name!r} has no step {result_from!r}"
             )
-        tx = transaction_id or f"{wf.name}-{uuid.uuid4().hex}"
+        tx = transaction_id or _new_id(wf.name)
         state = await self._start(wf, tx, input, context, timeout, settle=True)
         return self._finish(state, throw_on_error, result_from)
 
@@ -245,7 +261,7 @@ class LocalEngine:
     ) -> TransactionHandle:
         """Start a workflow and return its handle at once."""
         wf = self._workflow(workflow)
-        tx = transaction_id or f"{wf.name}-{uuid.uuid4().hex}"
+        tx = transaction_id or _new_id(wf.name)
         existing = await self.store.load(tx)
         if existing is None:
             self._send_start(wf, tx, input, context)
@@ -260,7 +276,7 @@ class LocalEngine:
     ) -> None:
         try:
             data = encode_value(input, f"the input of workflow {wf.name!r}")
-            ctx = encode_value(dict(context or {}), "the run context")
+            ctx = encode_value(dict(context), "the run context") if context else _EMPTY_CONTEXT
         except TypeError as exc:
             raise ConfigurationError(str(exc)) from None
         msg = StartWorkflow(workflow=wf.name, transaction_id=tx, input=data, context=ctx)
@@ -297,8 +313,7 @@ class LocalEngine:
         unwatch = host.watch(tx, watcher)
         try:
             self._send_start(wf, tx, input, context)
-            with anyio.fail_after(timeout):
-                await done.wait()
+            await _wait(done, timeout)
         finally:
             unwatch()
         return box[-1]
