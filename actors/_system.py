@@ -261,13 +261,16 @@ class ActorSystem:
         self._dispatcher = Dispatcher(self._tg, keep_idle=self._keep_idle)
         return self
 
-    async def __aexit__(self, *exc: Any) -> bool | None:
+    async def __aexit__(self, *exc: Any) -> None:
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
-        result: bool | None = await self._cm.__aexit__(*exc)
-        self._tg = None
-        self._dispatcher = None
-        return result
+        # The body's own exception is not handed to the task group (which would wrap it in an
+        # ExceptionGroup): it propagates as it is once the workers are cancelled.
+        try:
+            await self._cm.__aexit__(None, None, None)
+        finally:
+            self._tg = None
+            self._dispatcher = None
 
     @property
     def task_group(self) -> TaskGroup:
