@@ -73,6 +73,7 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
     def __init__(self, host: CoordinatorHost, workflow: str, transaction_id: str) -> None:
         super().__init__(f"coordinator {transaction_id}")
         self.host = host
+        self.workflow = workflow
         self.transaction_id = transaction_id
         self.event_subject = host.subjects.event(workflow, transaction_id)
         self.state: TxState | None = None
@@ -352,6 +353,9 @@ class CoordinatorHost:
         graph = self.graphs[wf]
         reply_subject = subjects.tx(tx)
         step_subjects = self._step_subjects
+        # Handlers get a cancel scope only when something may abort them: a workflow timeout,
+        # or a parent whose own timeout cancels this nested transaction.
+        abortable = graph.timeout is not None or state.parent is not None
         for cmd in commands:
             if isinstance(cmd, Invoke):
                 data = encode_message(
@@ -365,7 +369,7 @@ class CoordinatorHost:
                         context=state.context,
                         timeout=cmd.timeout,
                         async_=cmd.async_,
-                        abortable=graph.timeout is not None,
+                        abortable=abortable,
                         reply_subject=reply_subject,
                     )
                 )
@@ -409,7 +413,9 @@ class CoordinatorHost:
                         TxEvent(
                             workflow=cmd.workflow,
                             transaction_id=cmd.transaction_id,
-                            event=Cancel(now=self.clock(), parent_attempt=cmd.attempt),
+                            event=Cancel(
+                                now=self.clock(), parent_attempt=cmd.attempt, abort=cmd.abort
+                            ),
                         )
                     ),
                     msg_id=f"{cmd.transaction_id}:cancel:{tx}:{cmd.attempt}",

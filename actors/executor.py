@@ -151,13 +151,13 @@ class StepExecutor:
                     step=step,
                     action=action,
                     type="WorkflowTimeoutError",
-                    message=f"step {step!r} was cancelled: the workflow timed out",
+                    message=f"step {step!r} was cancelled: its transaction (or a parent) timed out",
                     attempt=attempt,
                 ),
                 permanent=True,
                 timeout=True,
             )
-        except TimeoutError:
+        except _TimedOut:
             return _failed(
                 cmd,
                 clock(),
@@ -191,12 +191,17 @@ class StepExecutor:
         return _classify(cmd, result, clock())
 
 
+class _TimedOut(Exception):
+    """The step's own ``timeout`` ran out (not a TimeoutError raised by the handler)."""
+
+
 async def _call_with_timeout(
     spec: _HandlerSpec, value: Any, ctx: StepContext, timeout: float | None
 ) -> Any:
     if timeout:
-        with anyio.fail_after(timeout):
+        with anyio.move_on_after(timeout):
             return await _call(spec, value, ctx)
+        raise _TimedOut  # left the scope without a result: the deadline cancelled the handler
     return await _call(spec, value, ctx)
 
 

@@ -307,11 +307,17 @@ def parallelize(*refs: Any) -> tuple[Any, ...]:
     Returns the references in argument order.
     """
     rec = _current("parallelize")
-    units = [u for ref in refs for u in _units_of(ref)]
-    if not units:
+    # Each argument is a branch: the steps it created (a chain, for a `when` block or a step
+    # whose input came from another step call) end at its last step, which marks the branch end.
+    spans = []
+    for ref in refs:
+        indices = [rec.top_index(u) for u in _units_of(ref)]
+        if indices:
+            spans.append((min(indices), max(indices)))
+    if not spans:
         raise CompositionError("parallelize needs step results as arguments")
-    marks = sorted({rec.top_index(u) for u in units})
-    start = marks[0]
+    marks = {last for _, last in spans}
+    start = min(first for first, _ in spans)
     branches: list[list[_Stage]] = []
     current: list[_Stage] = []
     for i in range(start, len(rec.seq)):

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 
 from actors import (
@@ -332,7 +333,11 @@ class LocalEngine:
                 while True:
                     state = await self.store.load(tx)
                     if state is None:
-                        raise TransactionNotFoundError(f"transaction {tx!r} not found")
+                        if tx not in host.actors:
+                            raise TransactionNotFoundError(f"transaction {tx!r} not found")
+                        # Started, not begun yet: wait for its coordinator's first turn.
+                        await anyio.lowlevel.checkpoint()
+                        continue
                     if TransactionState(state.status).finished:
                         return state
                     if settle and is_settled(self.graphs[state.workflow], state):
@@ -363,7 +368,15 @@ class LocalEngine:
         """The current picture of a live or retained transaction."""
         state = await self.store.load(transaction_id)
         if state is None:
-            raise TransactionNotFoundError(f"transaction {transaction_id!r} not found")
+            actor = self._host.actors.get(transaction_id)
+            if actor is None:
+                raise TransactionNotFoundError(f"transaction {transaction_id!r} not found")
+            # Started a moment ago; its coordinator has not taken its first turn yet.
+            return WorkflowResult(
+                workflow=actor.workflow,
+                transaction_id=transaction_id,
+                state=TransactionState.NOT_STARTED,
+            )
         return to_result(state, self.graphs.get(state.workflow))
 
     async def list(

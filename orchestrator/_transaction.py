@@ -210,6 +210,8 @@ class Cancel(Event, frozen=True, kw_only=True, tag="cancel"):
     """Compensate the transaction; ``parent_attempt`` > 0 when a parent step asks it."""
 
     parent_attempt: int = 0
+    abort: bool = False
+    """Cancel the handlers in flight instead of letting them finish (a parent timed out)."""
 
 
 class ChildFinished(Event, frozen=True, kw_only=True, tag="child_finished"):
@@ -250,6 +252,7 @@ class CancelChild(Command, frozen=True, kw_only=True, tag="cancel_child"):
     attempt: int
     workflow: str
     transaction_id: str
+    abort: bool = False
 
 
 class Abort(Command, frozen=True, kw_only=True, tag="abort"):
@@ -511,8 +514,11 @@ class _Machine(Resolver):
         return record
 
     def on_result(self, event: StepDone | StepFailed) -> None:
-        if self.current(event.step, event.action, event.attempt) is None:
+        current = self.current(event.step, event.action, event.attempt)
+        if current is None:
             return  # a duplicate, or an answer for an attempt that is no longer current
+        if isinstance(event, StepDone) and event.awaiting and not current.running:
+            return  # the handler already said it awaits
         self.changed = True
         record = self.rec(event.step)
         node = self.graph.index[event.step]
@@ -691,20 +697,7 @@ class _Machine(Resolver):
             self.add_error(error)
             self.emit("timeout", error=error)
             state.status = T_WAITING
-            for node in self.graph.nodes:
-                record = state.steps[node.name]
-                if record.state != INVOKING:
-                    continue
-                if record.running and node.kind == "step":
-                    self.commands.append(
-                        Abort(step=node.name, action=INVOKE, attempt=record.attempt)
-                    )
-                elif not record.running:  # awaiting, or waiting to retry
-                    w = self.rec(node.name)
-                    w.awaiting = False
-                    w.retry_at = None
-                    w.state = TIMEOUT
-                    w.finished_at = self.now
+            self.abort_in_flight(TIMEOUT)
             self.advance()
             return
         if event.step is None or event.step not in self.graph.index:
@@ -782,7 +775,9 @@ class _Machine(Resolver):
                 action=event.action,
                 attempt=event.attempt,
                 error=error,
-                permanent=event.action == COMPENSATE,
+                # A child that ended `failed` left effects behind: running it again would not
+                # undo them, so the parent step fails for good.
+                permanent=event.action == COMPENSATE or event.state == T_FAILED,
             )
         )
 
@@ -805,15 +800,37 @@ class _Machine(Resolver):
         state.cancelled = True
         state.finished_at = None
         state.status = T_WAITING
+        if event.abort:
+            self.abort_in_flight(FAILED)
+        # else: handlers in flight finish; begin_compensation ends steps that only wait.
+        self.advance()
+
+    def abort_in_flight(self, ended: str) -> None:
+        """Cancel running handlers and nested transactions; end the steps that only wait."""
         for node in self.graph.nodes:
-            record = state.steps[node.name]
-            if record.state == INVOKING and not record.running:
+            record = self.state.steps[node.name]
+            if record.state != INVOKING:
+                continue
+            if record.running and node.kind == "step":
+                self.commands.append(Abort(step=node.name, action=INVOKE, attempt=record.attempt))
+            elif record.running and node.kind == "subflow" and record.child is not None:
+                # The child compensates itself and reports `reverted`.
+                assert node.workflow is not None
+                self.commands.append(
+                    CancelChild(
+                        step=node.name,
+                        attempt=0,
+                        workflow=node.workflow,
+                        transaction_id=record.child,
+                        abort=True,
+                    )
+                )
+            elif not record.running:  # awaiting, or waiting to retry
                 w = self.rec(node.name)
                 w.awaiting = False
                 w.retry_at = None
-                w.state = FAILED
+                w.state = ended
                 w.finished_at = self.now
-        self.advance()
 
     # -- progress
     def start(self, node: Node, record: StepRecord, action: str) -> None:
@@ -836,9 +853,11 @@ class _Machine(Resolver):
                         node, record, error_from_exception(exc, node.name, action, attempt)
                     )
                     return
-                child = f"{node.workflow}-as-step-{tx}"
+                # "<parent tx>:<step>[:attempt-<n>]" (the step is "<child>-as-step" unless renamed):
+                # a nested id names its whole path, so no two uses, attempts or depths collide.
+                child = f"{tx}:{node.name}"
                 if attempt > 1:
-                    child = f"{child}-attempt-{attempt}"
+                    child = f"{child}:attempt-{attempt}"
                 record.child = child
                 self.emit("step_begin", node.name, attempt)
                 assert node.workflow is not None
@@ -940,8 +959,10 @@ class _Machine(Resolver):
             if not all(self.passable(p) for p in node.after):
                 continue
             decided = self.decide_blocks(node)
-            if decided is None:
-                return  # a predicate raised: the transaction is compensating now
+            if decided is None:  # a predicate raised: the step failed for good
+                if self.state.status != T_INVOKING:
+                    return
+                continue
             if not decided:
                 record = self.rec(node.name)
                 record.state = SKIPPED
@@ -981,7 +1002,7 @@ class _Machine(Resolver):
                         error, message=f"when block {block!r}: predicate raised: {error.message}"
                     )
                     self.fail_for_good(node, record, error)
-                    return None if self.state.status != T_INVOKING else False
+                    return None
                 conditions[block] = held
             if not held:
                 return False
