@@ -8,8 +8,11 @@ No actors, no async: the driver plays the coordinator shell and the step executo
   across every transaction of the run; past its end every attempt succeeds);
 * ``StartChild``: runs the child workflow's own state machine in the same driver, and queues a
   ``ChildFinished`` for the parent when the child finishes;
-* ``CancelChild``: applies ``Cancel`` to the (finished) child; its next ``Finished`` is reported
-  to the parent as ``ChildFinished(action="compensate")``;
+* ``CancelChild``: applies ``Cancel(parent_attempt=n)`` to the child (which reported ``done``);
+  its next ``Finished`` is reported to the parent as ``ChildFinished(action="compensate")``, or
+  at once if the child is over already (as the coordinator does). ``CancelChild(abort=True)``
+  (a parent that timed out) applies ``Cancel(abort=True)`` to a running child, whose
+  ``Finished`` then answers the parent's invoke;
 * ``SetTimer``: a virtual clock: the timer fires with ``now = max(clock, at)``;
 * ``Abort``: the running handler's queued result becomes a timeout failure.
 
@@ -31,7 +34,7 @@ from typing import Any
 
 import msgspec
 
-from orchestrator._codec import decode, encode
+from orchestrator._codec import encode
 from orchestrator._composer import Workflow
 from orchestrator._graph import Graph
 from orchestrator._transaction import (
@@ -41,6 +44,7 @@ from orchestrator._transaction import (
     CancelChild,
     ChildFinished,
     Command,
+    Complete,
     Emit,
     Event,
     Finished,
@@ -65,7 +69,9 @@ __all__ = [
     "Driver",
     "Tx",
     "all_workflows",
+    "comp_input_of",
     "output_of",
+    "perm_input_of",
 ]
 
 INVOKE_OUTCOMES = ("ok", "fail", "perm", "timeout", "skip")
@@ -156,6 +162,7 @@ class Driver:
         awaiting: frozenset[str] | set[str] = frozenset(),
         duplicates: float = 0.15,
         cancel_at: int | None = None,
+        cancel_abort: bool = False,
         max_applies: int = 20_000,
     ) -> None:
         self.root_workflow = wf
@@ -168,6 +175,9 @@ class Driver:
         """Steps whose handler returns nothing (async): ``StepDone(awaiting=True)``."""
         self.duplicates = duplicates
         self.cancel_at = cancel_at
+        """Cancel the root after this many deliveries (at the end, if it is over sooner)."""
+        self.cancel_abort = cancel_abort
+        """The cancel aborts the handlers in flight (``Cancel(abort=True)``)."""
         self.max_applies = max_applies
         self.clock = 0.0
         self.seq = 0
@@ -221,9 +231,31 @@ class Driver:
         if isinstance(event, Cancel) and old.status in ("invoking", "done"):
             tx.cancels_accepted += 1
             tx.cancels_of_done += old.status == "done"
+        if changed and kind == "normal":
+            self._record_result(tx_id, old, event, applied.seq)
         for command in commands:
             self.command(tx, command, event.now, applied.seq)
         return applied
+
+    def _record_result(self, tx_id: str, old: TxState, event: Event, seq: int) -> None:
+        """Note the outcome of the attempt that an accepted event answered."""
+        outcome = None
+        if isinstance(event, StepDone):
+            outcome = "skip" if event.skipped else "await" if event.awaiting else "ok"
+        elif isinstance(event, StepFailed):
+            outcome = "perm" if event.permanent else "timeout" if event.timeout else "fail"
+        elif isinstance(event, ChildFinished):
+            outcome = event.state
+        elif isinstance(event, Complete):
+            outcome = "ok" if event.ok else "perm" if event.force_permanent else "fail"
+        elif isinstance(event, TimerFired) and event.kind == "step_timeout":
+            outcome = "timeout"
+        if outcome is None:
+            return
+        step, action = event.step, event.action  # type: ignore[attr-defined]
+        record = old.steps[step]
+        attempt = record.attempt if action == "invoke" else record.comp_attempt
+        self.results[tx_id, step, action, attempt] = (seq, outcome)
 
     def start(self, input: Any = None) -> Driver:
         """Create the root transaction and apply ``Begin``."""
@@ -242,7 +274,7 @@ class Driver:
         while True:
             if self.cancel_at is not None and rounds >= self.cancel_at:
                 self.cancel_at = None
-                self.apply(self.root_id, Cancel(now=self.clock))
+                self.apply(self.root_id, Cancel(now=self.clock, abort=self.cancel_abort))
                 continue
             if not (self.pending or self.timers):
                 if self.cancel_at is not None:  # cancel once it is all over
@@ -282,9 +314,7 @@ class Driver:
             event = msgspec.structs.replace(event, now=self.clock)
         item = dataclasses.replace(item, event=event)
         self.delivered.append(item)
-        applied = self.apply(item.tx, event)
-        if item.key is not None and applied.changed:
-            self.results[item.key] = (applied.seq, item.outcome)
+        self.apply(item.tx, event)
 
     def redeliver(self, item: _Pending) -> None:
         """A duplicate of an earlier event, or a different answer for an answered attempt."""
@@ -335,9 +365,23 @@ class Driver:
         elif isinstance(command, CancelChild):
             self.children.append((seq, tx.id, command))
             child = self.txs[command.transaction_id]
-            assert child.state.status == "done", f"cancelling a child that is not done: {command}"
+            if command.abort:
+                # the parent timed out (or was aborted) while the child ran: the child
+                # compensates itself; its next Finished answers the parent's invoke
+                self.apply(child.id, Cancel(now=now, abort=True))
+                return
+            # compensation: only of a child that reported `done` (it may have been aborted
+            # since, while that report was on its way)
+            assert child.finished[:1] == ["done"], f"compensating a child that failed: {command}"
             child.cancel_attempt = command.attempt
-            self.apply(child.id, Cancel(now=now))
+            # as the coordinator does: the child learns which compensation attempt asks ...
+            applied = self.apply(child.id, Cancel(now=now, parent_attempt=command.attempt))
+            assert child.state.parent_comp_attempt == command.attempt
+            final = child.state.status in FINAL
+            if final and not any(isinstance(c, Finished) for c in applied.commands):
+                # ... and a child that is over already answers at once
+                child.cancel_attempt = None
+                self.pending.append(self._child_finished(child, "compensate", command.attempt))
         elif isinstance(command, SetTimer):
             self.timers_set.append((seq, tx.id, command, now))
             event = TimerFired(
@@ -362,23 +406,11 @@ class Driver:
             assert command.state in FINAL, command
             assert tx.state.status == command.state, (tx.state.status, command)
             if tx.parent is not None:
-                parent, step, attempt = tx.parent
-                action = "invoke"
                 if tx.cancel_attempt is not None:
-                    action, attempt = "compensate", tx.cancel_attempt
+                    self.pending.append(self._child_finished(tx, "compensate", tx.cancel_attempt))
                     tx.cancel_attempt = None
-                event = ChildFinished(
-                    now=now,
-                    step=step,
-                    attempt=attempt,
-                    action=action,
-                    state=command.state,
-                    result=tx.state.result,
-                    error=tx.state.errors[0] if tx.state.errors else None,
-                )
-                self.pending.append(
-                    _Pending(parent, event, (parent, step, action, attempt), command.state)
-                )
+                else:
+                    self.pending.append(self._child_finished(tx, "invoke", tx.parent[2]))
         elif isinstance(command, Emit):
             self.emitted.append((tx.id, command))
         elif isinstance(command, Reject):
@@ -387,6 +419,21 @@ class Driver:
             self.hooks.append((tx.id, command))
         else:  # pragma: no cover - a new command kind
             raise AssertionError(f"unknown command {command!r}")
+
+    def _child_finished(self, child: Tx, action: str, attempt: int) -> _Pending:
+        """The ``ChildFinished`` that tells the parent how ``child`` ended."""
+        assert child.parent is not None
+        parent, step, _ = child.parent
+        event = ChildFinished(
+            now=self.clock,
+            step=step,
+            attempt=attempt,
+            action=action,
+            state=child.state.status,
+            result=child.state.result,
+            error=child.state.errors[0] if child.state.errors else None,
+        )
+        return _Pending(parent, event, (parent, step, action, attempt), child.state.status)
 
     def _new_tx(self, tx_id: str, wf: Workflow, parent: tuple[str, str, int] | None) -> Tx:
         from orchestrator._transaction import new_state
@@ -452,6 +499,15 @@ class Driver:
         tx = self.root_id if tx is None else tx
         return [c for _, t, c in self.invokes if t == tx and (action is None or c.action == action)]
 
+    def child_ids(self, step: str, tx: str | None = None) -> list[str]:
+        """The ids of the nested transactions started for ``step``, attempt by attempt."""
+        tx = self.root_id if tx is None else tx
+        return [
+            c.transaction_id
+            for _, t, c in self.children
+            if t == tx and isinstance(c, StartChild) and c.step == step
+        ]
+
     def trace(self, tx: str | None = None) -> list[tuple[str, str]]:
         """(action, step) of every ``Invoke`` of a transaction, in order."""
         return [(c.action, c.step) for c in self.invokes_of(tx)]
@@ -460,7 +516,3 @@ class Driver:
         """The lifecycle event types emitted by a transaction."""
         tx = self.root_id if tx is None else tx
         return [e.event.type for t, e in self.emitted if t == tx]
-
-    def decoded_input(self, command: Invoke) -> Any:
-        return decode(command.input)
-

@@ -11,13 +11,21 @@ import dataclasses
 from typing import Any
 
 from orchestrator._codec import decode
-from orchestrator._transaction import CancelChild, Invoke, StartChild, TimerFired, to_result
+from orchestrator._transaction import (
+    Cancel,
+    CancelChild,
+    Invoke,
+    StartChild,
+    TimerFired,
+    to_result,
+)
 
 from .driver import FINAL, Driver, Tx, comp_input_of, output_of, perm_input_of
 
 __all__ = ["Verdict", "check_run", "check_tx"]
 
-TEMPORARY = ("fail", "timeout")
+TEMPORARY = ("fail", "timeout", "await")
+"""Outcomes after which an attempt may follow (``await``: ``RetryStep`` or a failed Complete)."""
 
 
 @dataclasses.dataclass
@@ -32,7 +40,8 @@ class Verdict:
 
 def check_run(d: Driver) -> dict[str, Verdict]:
     """Check every transaction of the run; the verdicts by transaction id."""
-    assert not d.pending and not d.timers, "the run is not over"
+    assert not d.pending, "the run is not over"
+    assert not d.timers, "the run is not over"
     return {tx.id: check_tx(d, tx) for tx in d.txs.values()}
 
 
@@ -53,8 +62,13 @@ def check_tx(d: Driver, tx: Tx) -> Verdict:
     for seq, t, c in d.invokes:
         if t == tx.id:
             (forward if c.action == "invoke" else backward)[c.step].append((seq, c))
+    aborted_children: list[tuple[int, CancelChild]] = []
     for seq, t, c in d.children:
-        if t == tx.id:
+        if t != tx.id:
+            continue
+        if isinstance(c, CancelChild) and c.abort:
+            aborted_children.append((seq, c))  # not a compensation: the child undoes itself
+        else:
             (forward if isinstance(c, StartChild) else backward)[c.step].append((seq, c))
 
     # 3. no forward command once the transaction left `invoking` or began compensating
@@ -76,13 +90,16 @@ def check_tx(d: Driver, tx: Tx) -> Verdict:
                 assert a.changed == (a.before == "invoking"), a
             timeout_hit |= a.changed
     cancelled = tx.cancels_accepted > 0
+    for seq, c in aborted_children:  # only a timeout or an aborting cancel aborts a child
+        (a,) = [a for a in log if a.seq == seq]
+        assert isinstance(a.event, TimerFired | Cancel), (a.event, c)
+        assert a.before == "invoking", (a, c)
 
     # 7. attempts 1, 2, 3...; only temporary failures are retried, at most max_retries times
     fates: dict[str, str] = {}
     cut_short: set[str] = set()
     final_failure: set[str] = set()
     last_outcome: dict[str, str] = {}
-    child_failed_before = False
     for node in g.nodes:
         name, cfg = node.name, node.config
         cmds = [c for _, c in forward[name]]
@@ -97,17 +114,17 @@ def check_tx(d: Driver, tx: Tx) -> Verdict:
         assert record.attempt == len(attempts)
         outcomes = []
         for c in cmds:
+            # (for a nested workflow: the state its accepted ChildFinished reported; a child
+            # that was aborted right after it finished `done` may report either)
+            outcome = d.results.get((tx.id, name, "invoke", c.attempt), (0, "?"))[1]
             if node.kind == "subflow":
-                child = d.txs[c.transaction_id]
-                outcome = child.finished[0] if child.finished else "?"
-            else:
-                outcome = d.results.get((tx.id, name, "invoke", c.attempt), (0, "?"))[1]
+                assert outcome in d.txs[c.transaction_id].finished, (name, outcome)
             outcomes.append(outcome)
             assert outcome != "?", f"{tx.id}: attempt {c.attempt} of {name} was never answered"
         retried = outcomes[:-1]
-        temporary = ("reverted", "failed") if node.kind == "subflow" else TEMPORARY
+        # a child that ended `failed` left effects behind: it is never run again
+        temporary = ("reverted",) if node.kind == "subflow" else TEMPORARY
         assert all(o in temporary for o in retried), (name, outcomes)
-        child_failed_before |= "failed" in retried
         last = outcomes[-1]
         last_outcome[name] = last
         if last in ("ok", "done"):
@@ -118,7 +135,7 @@ def check_tx(d: Driver, tx: Tx) -> Verdict:
             assert record.state == "skipped", (name, record)
         else:
             fates[name] = "failed"
-            if last in temporary and len(outcomes) < cfg.max_retries + 1:
+            if last == "await" or (last in temporary and len(outcomes) < cfg.max_retries + 1):
                 # its retry never came: compensation began first (or the workflow timed out)
                 cut_short.add(name)
                 assert record.state in ("failed", "timeout"), (name, last, record)
@@ -169,7 +186,7 @@ def check_tx(d: Driver, tx: Tx) -> Verdict:
 
     comp_failed: set[str] = set()
     comp_finished_at: dict[str, int] = {}
-    for name in compensated:
+    for name in (n.name for n in g.nodes if n.name in compensated):
         node = g.index[name]
         cmds = [c for _, c in backward[name]]
         attempts = [c.attempt for c in cmds]
@@ -206,9 +223,9 @@ def check_tx(d: Driver, tx: Tx) -> Verdict:
 
     # 2. reverse dependency order: X's compensation starts only after every compensated step
     #    that ran after X finished compensating
-    for name in compensated:
+    for name in (n.name for n in g.nodes if n.name in compensated):
         started = backward[name][0][0]
-        for later in g.successors[name] & compensated:
+        for later in sorted(g.successors[name] & compensated):
             assert comp_finished_at[later] <= started, (
                 f"{tx.id}: {name} compensated (at {started}) before {later} finished "
                 f"compensating (at {comp_finished_at[later]})"
@@ -224,8 +241,7 @@ def check_tx(d: Driver, tx: Tx) -> Verdict:
         for name in child_failed:
             assert st.steps[name].comp == "failed", (name, st.steps[name])
         want_state = "failed" if comp_failed or child_failed else "reverted"
-        if not child_failed_before:  # see test_units: a retried child that ended failed
-            assert st.status == want_state, (tx.id, st.status, comp_failed, child_failed)
+        assert st.status == want_state, (tx.id, st.status, comp_failed, child_failed)
         for n in g.nodes:
             if fates[n.name] in ("done", "failed") and n.name not in comp_failed | child_failed:
                 assert st.steps[n.name].comp == "reverted", (n.name, st.steps[n.name])
