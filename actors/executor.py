@@ -140,8 +140,12 @@ class StepExecutor:
                         self.running.pop(key, None)
                 if scope.cancelled_caught:
                     raise _Aborted
-            else:
+            elif cmd.timeout:
                 result = await _call_with_timeout(spec, value, ctx, cmd.timeout)
+            elif spec.is_async and spec.arity == 2:  # the common case, without extra frames
+                result = await spec.fn(value, ctx)
+            else:
+                result = await _call(spec, value, ctx)
         except _Aborted:
             self.aborted.discard(key)
             return _failed(

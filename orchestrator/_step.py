@@ -179,7 +179,6 @@ class StepContext:
         "action",
         "attempt",
         "container",
-        "idempotency_key",
         "step_name",
         "transaction_id",
         "workflow_id",
@@ -203,10 +202,14 @@ class StepContext:
         self.transaction_id = transaction_id
         self.attempt = attempt
         self.container = container
-        self.idempotency_key = f"{workflow_id}:{transaction_id}:{step_name}:{action}"
         self._context = context
         self._context_bytes = context_bytes
         self._log: Any = None
+
+    @property
+    def idempotency_key(self) -> str:
+        """``"<workflow>:<transaction>:<step>:<action>"``: an opaque, stable key per step action."""
+        return f"{self.workflow_id}:{self.transaction_id}:{self.step_name}:{self.action}"
 
     @property
     def context(self) -> dict[str, Any]:

@@ -88,6 +88,16 @@ class _Route:
         self.empty = not handlers and not groups
 
 
+def _could_match(pattern: tuple[str, ...], first: list[str]) -> bool:
+    """Whether a subject starting with the tokens ``first`` may match ``pattern``."""
+    for want, token in zip(pattern, first, strict=False):
+        if want == ">":
+            return True
+        if want != "*" and want != token:
+            return False
+    return True
+
+
 class MemoryTransport(Transport):
     """The transport contract within one process: no network, no persistence.
 
@@ -110,6 +120,7 @@ class MemoryTransport(Transport):
         self._used = False
         self._subscriptions: list[_Subscription] = []
         self._routes: dict[str, _Route] = {}
+        self._heads: dict[str, tuple[_Subscription, ...]] = {}
         self._replies: dict[str, Callable[[Msg], None]] = {}
         self._inbox = f"_INBOX.{secrets.token_hex(8)}."
         self._inbox_ids = itertools.count(1)
@@ -185,9 +196,20 @@ class MemoryTransport(Transport):
         route = self._routes.get(subject)
         if route is not None:
             return not route.empty
-        # Not cached on purpose: callers ask about one-off subjects (one per transaction).
+        # Callers ask about one-off subjects (one per transaction), so the answer is not cached
+        # per subject; the subscriptions that could match a subject's first two tokens are.
+        head = subject.split(".", 2)
+        key = ".".join(head[:2])
+        candidates = self._heads.get(key)
+        if candidates is None:
+            first = head[:2]
+            candidates = self._heads[key] = tuple(
+                sub for sub in self._subscriptions if _could_match(sub.pattern, first)
+            )
+        if not candidates:
+            return False
         tokens = split_subject(subject)
-        return any(matches(sub.pattern, tokens) for sub in self._subscriptions)
+        return any(matches(sub.pattern, tokens) for sub in candidates)
 
     async def subscribe(
         self, subject: str, handler: Handler, *, queue: str | None = None
@@ -198,6 +220,7 @@ class MemoryTransport(Transport):
         subscription = _Subscription(self, subject, compile_pattern(subject), handler, queue)
         self._subscriptions.append(subscription)
         self._routes.clear()
+        self._heads.clear()
         return subscription
 
     async def request(
@@ -251,6 +274,7 @@ class MemoryTransport(Transport):
         if subscription in self._subscriptions:
             self._subscriptions.remove(subscription)
             self._routes.clear()
+            self._heads.clear()
 
     # --- work queues ------------------------------------------------------------------------
 
