@@ -7,7 +7,7 @@ event, persists the new state, carries out the commands, and only then acks the 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import msgspec
@@ -123,8 +123,9 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
         acks: list[WorkMsg] = []
         answer_parent = False
         events: list[Event] = []
+        later: list[Awaitable[None]] = []
         for msg, work in batch:
-            event = await self._event(msg, work, replies, acks)
+            event = self._event(msg, work, replies, acks, later)
             if event is None:
                 continue
             events.append(event)
@@ -177,17 +178,20 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
             if settled and not self.settled:
                 host.notify("suspend", state)
             self.settled = settled
+        for pending in later:
+            await pending
         for subject, reply in replies:
             await host.reply(subject, reply)
         for work in acks:
             await work.ack()
 
-    async def _event(
+    def _event(
         self,
         msg: Any,
         work: WorkMsg | None,
         replies: list[tuple[str, TxReply]],
         acks: list[WorkMsg],
+        later: list[Awaitable[None]],
     ) -> Event | None:
         """The state-machine event a message carries (``None``: nothing to apply)."""
         host = self.host
@@ -198,7 +202,7 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
                 return None
             graph = host.graphs.get(msg.workflow)
             if graph is None:
-                await host.reject_start(msg, work)
+                later.append(host.reject_start(msg, work))
                 return None
             if work is not None:
                 acks.append(work)
@@ -221,7 +225,7 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
                     )
                 )
             elif isinstance(event, Cancel) and event.parent_attempt:
-                await host.answer_missing_child(msg)
+                later.append(host.answer_missing_child(msg))
             return None
         return event
 

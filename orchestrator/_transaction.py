@@ -386,12 +386,8 @@ class _Machine(Resolver):
         self.events = events
         self.deferring = False
         self.pending = False
-        self.state = msgspec.structs.replace(
-            state,
-            steps=dict(state.steps),
-            conditions=dict(state.conditions),
-            errors=list(state.errors),
-        )
+        # Shallow copy; `errors` and `conditions` are copied on their first write.
+        self.state = msgspec.structs.replace(state, steps=dict(state.steps))
         self.copied: set[str] = set()
         self.commands: list[Command] = []
         self.changed = False
@@ -436,7 +432,8 @@ class _Machine(Resolver):
         )
 
     def add_error(self, error: StepError) -> None:
-        self.state.errors.append(error)
+        state = self.state
+        state.errors = [*state.errors, error]
 
     # -- Resolver
     def source(self, name: str) -> Any:
@@ -1003,7 +1000,7 @@ class _Machine(Resolver):
                     )
                     self.fail_for_good(node, record, error)
                     return None
-                conditions[block] = held
+                conditions = self.state.conditions = {**conditions, block: held}
             if not held:
                 return False
         return True
