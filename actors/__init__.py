@@ -9,6 +9,7 @@ from ._system import ActorSystem as ActorSystem
 from ._system import Directive as Directive
 from ._system import Dispatcher as Dispatcher
 from ._system import Mailbox as Mailbox
+from ._system import Signal as Signal
 from ._timers import Timers as Timers
 from .coordinator import CoordinatorActor as CoordinatorActor
 from .coordinator import CoordinatorHost as CoordinatorHost
@@ -36,6 +37,7 @@ __all__ = [
     "Mailbox",
     "MemoryStore",
     "Message",
+    "Signal",
     "StartWorkflow",
     "StepCommand",
     "StepExecutor",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
@@ -17,6 +18,7 @@ from actors import (
     ExecutorHost,
     Mailbox,
     MemoryStore,
+    Signal,
     StartWorkflow,
     Store,
     Subjects,
@@ -55,12 +57,17 @@ DEFAULT_RETENTION = 86400.0
 _EMPTY_CONTEXT = encode_value({}, "context")
 
 
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(1)
+
+
 def _new_id(workflow: str) -> str:
-    """A fresh transaction id: the workflow name and 96 random bits."""
-    return f"{workflow}-{os.urandom(12).hex()}"
+    """A fresh transaction id: the workflow name, 64 random bits drawn once per process, and a
+    counter (a system call per id showed up in profiles)."""
+    return f"{workflow}-{_ID_PREFIX}{next(_id_counter):x}"
 
 
-async def _wait(event: anyio.Event, timeout: float | None) -> None:
+async def _wait(event: Signal, timeout: float | None) -> None:
     if timeout is None:
         await event.wait()  # no cancel scope on the hot path
     else:
@@ -303,7 +310,7 @@ class LocalEngine:
                     f"transaction {tx!r} belongs to workflow {state.workflow!r}, not {wf.name!r}"
                 )
             return await self._await(tx, timeout, settle=settle)
-        done = anyio.Event()
+        done = Signal()
         box: list[TxState] = []
 
         def watcher(kind: str, st: TxState) -> None:
@@ -321,7 +328,7 @@ class LocalEngine:
 
     async def _await(self, tx: str, timeout: float | None, *, settle: bool) -> TxState:
         host = self._host
-        done = anyio.Event()
+        done = Signal()
 
         def watcher(kind: str, st: TxState) -> None:
             if kind == "finish" or settle:
@@ -343,7 +350,7 @@ class LocalEngine:
                     if settle and is_settled(self.graphs[state.workflow], state):
                         return state
                     await done.wait()
-                    done = anyio.Event()
+                    done = Signal()
         finally:
             unwatch()
 

@@ -77,6 +77,8 @@ T_DONE = TransactionState.DONE.value
 T_REVERTED = TransactionState.REVERTED.value
 T_FAILED = TransactionState.FAILED.value
 _FINAL = frozenset((T_DONE, T_REVERTED, T_FAILED))
+_PASS = frozenset((DONE, SKIPPED, SKIPPED_FAILURE))
+"""Invoke states that let the steps after a step run."""
 
 
 # ------------------------------------------------------------------------------------- state
@@ -953,7 +955,12 @@ class _Machine(Resolver):
                 return
             if steps[node.name].state != NOT_STARTED:
                 continue
-            if not all(self.passable(p) for p in node.after):
+            ready = True
+            for pred in node.after:
+                if steps[pred].state not in _PASS and not self.passable(pred):
+                    ready = False
+                    break
+            if not ready:
                 continue
             decided = self.decide_blocks(node)
             if decided is None:  # a predicate raised: the step failed for good
