@@ -59,6 +59,8 @@ __all__ = ["WORK_QUEUE", "CoordinatorActor", "CoordinatorHost", "Watcher"]
 log = structlog.get_logger("orchestrator.coordinator")
 
 WORK_QUEUE = "ORCH_WORK"
+MAX_RESTARTS = 3
+"""Restarts of a coordinator actor whose turns keep failing before it stops for good."""
 
 Watcher = Callable[[str, TxState], None]
 """Called with ``("finish" | "suspend", state)`` by the host, in process."""
@@ -80,15 +82,32 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
         self.graph: Graph | None = None
         self.loaded = False
         self.settled = False
+        self.failures = 0
 
     # -- supervision
     async def on_failure(
         self, messages: list[tuple[Any, WorkMsg | None]], exc: Exception
     ) -> Directive:
-        log.error("coordinator failed", transaction=self.transaction_id, exc_info=exc)
-        for _, work in messages:
+        # Supervision: the turn's effects are lost with the in-memory state; the actor restarts
+        # from the last persisted state and the messages come again (queued ones redelivered by
+        # the transport, in-process ones re-told), a few times, then the actor stops for good.
+        self.failures += 1
+        giving_up = self.failures > MAX_RESTARTS
+        log.error(
+            "coordinator failed",
+            transaction=self.transaction_id,
+            failures=self.failures,
+            giving_up=giving_up,
+            exc_info=exc,
+        )
+        for msg, work in messages:
             if work is not None:
-                await work.nak(delay=0.5)
+                await (work.term() if giving_up else work.nak(delay=0.5))
+            elif not giving_up:
+                self.mailbox.send((msg, None))
+        if giving_up:
+            self.host._forget(self)
+            return Directive.STOP
         return Directive.RESTART
 
     async def on_restart(self) -> None:
