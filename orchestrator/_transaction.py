@@ -10,7 +10,6 @@ The rules are those of DESIGN.md section 3; the comments name the ones that are 
 from __future__ import annotations
 
 import linecache
-import traceback as _tb
 from typing import Any
 
 import msgspec
@@ -78,6 +77,7 @@ T_REVERTED = TransactionState.REVERTED.value
 T_FAILED = TransactionState.FAILED.value
 _FINAL = frozenset((T_DONE, T_REVERTED, T_FAILED))
 _PASS = frozenset((DONE, SKIPPED, SKIPPED_FAILURE))
+_UNDOING = frozenset((PENDING, COMPENSATING))
 """Invoke states that let the steps after a step run."""
 
 
@@ -309,12 +309,22 @@ def format_traceback(exc: BaseException) -> str:
         if source:
             lines.append(f"    {source}\n")
         tb = tb.tb_next
-    lines.extend(_tb.format_exception_only(type(exc), exc))
+    lines.append(_exception_line(exc))
     cause = exc.__cause__ or exc.__context__
     while cause is not None:
-        lines.append("caused by: " + "".join(_tb.format_exception_only(type(cause), cause)))
+        lines.append("caused by: " + _exception_line(cause))
         cause = cause.__cause__ or cause.__context__
     return "".join(lines)
+
+
+def _exception_line(exc: BaseException) -> str:
+    """``module.Type: message`` (the last line of a traceback), without TracebackException."""
+    cls = type(exc)
+    name = cls.__qualname__
+    if cls.__module__ not in ("builtins", "__main__"):
+        name = f"{cls.__module__}.{name}"
+    message = str(exc)
+    return f"{name}: {message}\n" if message else f"{name}\n"
 
 
 def error_from_exception(exc: BaseException, step: str, action: str, attempt: int) -> StepError:
@@ -1075,10 +1085,10 @@ class _Machine(Resolver):
                 outstanding = True
             elif record.comp == PENDING:
                 outstanding = True
-                if all(
-                    steps[s].comp not in (PENDING, COMPENSATING)
-                    for s in self.graph.successors[node.name]
-                ):
+                for after in self.graph.successors[node.name]:
+                    if steps[after].comp in _UNDOING:
+                        break  # a step after this one is still being compensated
+                else:
                     self.start(node, self.rec(node.name), COMPENSATE)
         if not outstanding:
             failed = any(r.comp == FAILED for r in steps.values())
