@@ -1,5 +1,7 @@
 """The actor runtime and the two actor kinds: transaction coordinators and step executors."""
 
+from ._kvstore import KvStore as KvStore
+from ._kvstore import StoreConflictError as StoreConflictError
 from ._store import MemoryStore as MemoryStore
 from ._store import Store as Store
 from ._subjects import Subjects as Subjects
@@ -34,6 +36,7 @@ __all__ = [
     "Directive",
     "Dispatcher",
     "ExecutorHost",
+    "KvStore",
     "Mailbox",
     "MemoryStore",
     "Message",
@@ -42,6 +45,7 @@ __all__ = [
     "StepCommand",
     "StepExecutor",
     "Store",
+    "StoreConflictError",
     "Subjects",
     "Timers",
     "TxEvent",

@@ -14,6 +14,9 @@ __all__ = ["MemoryStore", "Store"]
 class Store(ABC):
     """Checkpoints of live transactions and finished ones kept for their retention."""
 
+    async def open(self) -> None:  # noqa: B027 - a hook with nothing to do by default
+        """Prepare the store (create buckets...) once the transport is connected."""
+
     @abstractmethod
     async def load(self, transaction_id: str) -> TxState | None:
         """The live or retained state of a transaction, or ``None``."""

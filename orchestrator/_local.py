@@ -186,6 +186,7 @@ class LocalEngine:
         await stack.__aenter__()
         try:
             await stack.enter_async_context(self.transport)
+            await self.store.open()
             system = await stack.enter_async_context(ActorSystem())
             self._coordinators = CoordinatorHost(
                 transport=self.transport,

@@ -17,9 +17,13 @@ from typing import Any
 import anyio
 import pytest
 
+from actors import KvStore
 from orchestrator import LocalEngine, Step, StepContext, create_step
+from transport import MemoryTransport
 
-MODES = ["local"]
+MODES = ["local", "local-kv"]
+"""``local``: LocalEngine as users get it; ``local-kv``: the same, keeping transactions in the
+key-value store the NATS services use (over the memory transport)."""
 
 DEADLINE = 5.0
 """Seconds any single wait in a behaviour test may take before the test fails."""
@@ -47,6 +51,17 @@ def make_engine(engine_mode: str) -> Callable[..., contextlib.AbstractAsyncConte
     ) -> AsyncIterator[LocalEngine]:
         if engine_mode == "local":
             async with LocalEngine(workflows=list(workflows), container=container, **kw) as engine:
+                yield engine
+        elif engine_mode == "local-kv":
+            transport = MemoryTransport()
+            store = KvStore(transport)
+            async with LocalEngine(
+                workflows=list(workflows),
+                container=container,
+                transport=transport,
+                store=store,
+                **kw,
+            ) as engine:
                 yield engine
         else:  # pragma: no cover - added with the NATS mode
             raise NotImplementedError(engine_mode)

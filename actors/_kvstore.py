@@ -1,0 +1,111 @@
+"""A :class:`Store` on the transport's key-value buckets (``orch_tx`` and ``orch_done``).
+
+Live checkpoints go to ``<prefix>_tx`` with compare-and-set on the revision the coordinator last
+wrote, so two writers of one transaction cannot silently overwrite each other; finished ones move
+to ``<prefix>_done`` with a per-key ttl (the retention).
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+from orchestrator._transaction import TxState
+from transport import KeyExistsError, KeyValue, RevisionMismatchError, Transport
+
+from ._store import Store
+
+__all__ = ["KvStore", "StoreConflictError", "kv_key"]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(TxState)
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+class StoreConflictError(Exception):
+    """Someone else wrote this transaction's checkpoint since we read it: reload and retry."""
+
+
+def kv_key(transaction_id: str) -> str:
+    """A transaction id as a bucket key (``=XX`` escapes for what keys may not hold)."""
+    if _UNSAFE.search(transaction_id) is None:
+        return transaction_id
+    return _UNSAFE.sub(lambda m: "".join(f"={b:02X}" for b in m.group().encode()), transaction_id)
+
+
+class KvStore(Store):
+    """Checkpoints in key-value buckets; call :meth:`open` once before use."""
+
+    def __init__(self, transport: Transport, *, prefix: str = "orch") -> None:
+        self.transport = transport
+        self.prefix = prefix
+        self._live: KeyValue | None = None
+        self._done: KeyValue | None = None
+        self._revisions: dict[str, int] = {}
+
+    async def open(self) -> None:
+        """Create (or bind) the buckets."""
+        self._live = await self.transport.open_kv(f"{self.prefix}_tx")
+        self._done = await self.transport.open_kv(f"{self.prefix}_done")
+
+    @property
+    def live(self) -> KeyValue:
+        if self._live is None:
+            raise RuntimeError("KvStore.open() was not called")
+        return self._live
+
+    @property
+    def done(self) -> KeyValue:
+        if self._done is None:
+            raise RuntimeError("KvStore.open() was not called")
+        return self._done
+
+    async def load(self, transaction_id: str) -> TxState | None:
+        key = kv_key(transaction_id)
+        entry = await self.live.get(key)
+        if entry is not None:
+            self._revisions[transaction_id] = entry.revision
+            return _decoder.decode(entry.value)
+        self._revisions.pop(transaction_id, None)
+        entry = await self.done.get(key)
+        return None if entry is None else _decoder.decode(entry.value)
+
+    async def save(self, state: TxState) -> None:
+        tx = state.transaction_id
+        key = kv_key(tx)
+        data = _encoder.encode(state)
+        revision = self._revisions.get(tx)
+        try:
+            if revision is None:
+                self._revisions[tx] = await self.live.create(key, data)
+            else:
+                self._revisions[tx] = await self.live.update(key, data, revision)
+        except (KeyExistsError, RevisionMismatchError) as exc:
+            self._revisions.pop(tx, None)
+            raise StoreConflictError(
+                f"transaction {tx!r} was written by someone else since it was read"
+            ) from exc
+
+    async def finish(self, state: TxState, retention: float) -> None:
+        tx = state.transaction_id
+        key = kv_key(tx)
+        if retention > 0:
+            data = _encoder.encode(state)
+            try:
+                await self.done.create(key, data, ttl=retention)
+            except KeyExistsError:  # finished again (a cancel after done): a fresh ttl
+                await self.done.delete(key)
+                await self.done.create(key, data, ttl=retention)
+        await self.live.delete(key)
+        self._revisions.pop(tx, None)
+
+    async def list(self, workflow: str | None = None) -> list[TxState]:
+        states: dict[str, TxState] = {}
+        for bucket in (self.done, self.live):  # live wins over a stale retained copy
+            for key in await bucket.keys():
+                entry = await bucket.get(key)
+                if entry is not None:
+                    state = _decoder.decode(entry.value)
+                    states[state.transaction_id] = state
+        return [s for s in states.values() if workflow is None or s.workflow == workflow]
