@@ -1,5 +1,8 @@
 """The actor runtime and the two actor kinds: transaction coordinators and step executors."""
 
+from ._gateway import Gateway as Gateway
+from ._gateway import new_transaction_id as new_transaction_id
+from ._gateway import parse_key as parse_key
 from ._kvstore import KvStore as KvStore
 from ._kvstore import StoreConflictError as StoreConflictError
 from ._store import MemoryStore as MemoryStore
@@ -13,6 +16,7 @@ from ._system import Dispatcher as Dispatcher
 from ._system import Mailbox as Mailbox
 from ._system import Signal as Signal
 from ._timers import Timers as Timers
+from .coordinator import WORK_QUEUE as WORK_QUEUE
 from .coordinator import CoordinatorActor as CoordinatorActor
 from .coordinator import CoordinatorHost as CoordinatorHost
 from .executor import ExecutorHost as ExecutorHost
@@ -28,6 +32,7 @@ from .messages import decode_message as decode_message
 from .messages import encode_message as encode_message
 
 __all__ = [
+    "WORK_QUEUE",
     "AbortStep",
     "Actor",
     "ActorSystem",
@@ -36,6 +41,7 @@ __all__ = [
     "Directive",
     "Dispatcher",
     "ExecutorHost",
+    "Gateway",
     "KvStore",
     "Mailbox",
     "MemoryStore",
@@ -53,5 +59,7 @@ __all__ = [
     "TxReply",
     "decode_message",
     "encode_message",
+    "new_transaction_id",
+    "parse_key",
     "token",
 ]

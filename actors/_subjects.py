@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 import zlib
 from functools import lru_cache
+from urllib.parse import unquote
 
-__all__ = ["Subjects", "token"]
+__all__ = ["Subjects", "token", "untoken"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-:]")
 
@@ -18,6 +19,11 @@ def token(name: str) -> str:
     if _UNSAFE.search(name) is None:
         return name
     return _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), name)
+
+
+def untoken(text: str) -> str:
+    """The name a :func:`token` stands for."""
+    return unquote(text) if "%" in text else text
 
 
 class Subjects:

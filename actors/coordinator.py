@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from orchestrator._codec import decode
 from orchestrator._errors import UnknownWorkflowError
 from orchestrator._graph import Graph
 from orchestrator._transaction import (
@@ -38,7 +39,7 @@ from orchestrator._transaction import (
     new_state,
 )
 from orchestrator._types import LifecycleEvent, StepError
-from transport import Msg, QueueConfig, Transport, WorkMsg
+from transport import QueueConfig, Transport, WorkMsg
 
 from ._store import Store
 from ._subjects import Subjects
@@ -66,7 +67,7 @@ Watcher = Callable[[str, TxState], None]
 """Called with ``("finish" | "suspend", state)`` by the host, in process."""
 
 _FINAL = frozenset(("done", "reverted", "failed"))
-_event_encoder = msgspec.msgpack.Encoder()
+_json = msgspec.json.Encoder().encode
 
 
 class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
@@ -194,11 +195,36 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
             if answer_parent:
                 await host.notify_parent(state, action="compensate")
             settled = not finished and graph.has_async and is_settled(graph, state)
-            if settled and not self.settled:
+            was_settled = (
+                initial is not None
+                and initial.status not in _FINAL
+                and graph.has_async
+                and is_settled(graph, initial)
+            )
+            if settled and not was_settled:
                 host.notify("suspend", state)
+                if interest:
+                    await host.publish_event(
+                        LifecycleEvent(
+                            type="suspend",
+                            workflow=state.workflow,
+                            transaction_id=state.transaction_id,
+                            timestamp=now,
+                            state=state.status,
+                        )
+                    )
             self.settled = settled
         for pending in later:
             await pending
+        if self.state is not None:
+            # Callers that wait for the outcome need to know where the transaction stands.
+            status = self.state.status
+            replies = [
+                (subject, msgspec.structs.replace(r, state=status, settled=self.settled))
+                if r.ok
+                else (subject, r)
+                for subject, r in replies
+            ]
         for subject, reply in replies:
             await host.reply(subject, reply)
         for work in acks:
@@ -274,7 +300,6 @@ class CoordinatorHost:
         self.watchers: dict[str, list[Watcher]] = {}
         self.timers = Timers(self._fire_timer, clock)
         self._step_subjects: dict[str, str] = {}
-        self._encode_event = _event_encoder.encode
 
     async def start(self) -> None:
         """Create the work queue (idempotent), start consuming and arm the timer task."""
@@ -285,39 +310,7 @@ class CoordinatorHost:
         self.system.start_soon(self.timers.run, name="coordinator timers")
         p = self.subjects.prefix
         await transport.consume(
-            WORK_QUEUE, "coordinator-start", f"{p}.start.*", self._on_work, max_in_flight=4096
-        )
-        await transport.consume(
             WORK_QUEUE, "coordinator-tx", f"{p}.tx.*", self._on_work, max_in_flight=4096
-        )
-        await transport.subscribe(f"{p}.api.*", self._on_api, queue="coordinators")
-
-    # -- requests about a transaction (cancel, set_step_success, ...): forwarded to its owner
-    def _on_api(self, msg: Msg) -> None:
-        self.system.start_soon(self._api, msg)
-
-    async def _api(self, msg: Msg) -> None:
-        try:
-            request = decode_message(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            if msg.reply:
-                await self.reply(
-                    msg.reply,
-                    TxReply(ok=False, error=f"bad request: {exc}", error_type="ValueError"),
-                )
-            return
-        if not isinstance(request, TxEvent):
-            if msg.reply:
-                await self.reply(
-                    msg.reply,
-                    TxReply(
-                        ok=False, error="expected a transaction event", error_type="ValueError"
-                    ),
-                )
-            return
-        await self.transport.enqueue(
-            self.subjects.tx(request.transaction_id),
-            encode_message(msgspec.structs.replace(request, reply=msg.reply)),
         )
 
     # -- routing
@@ -405,7 +398,10 @@ class CoordinatorHost:
                     msg_id=f"{tx}:{cmd.step}:{cmd.action}:{cmd.attempt}",
                 )
             elif isinstance(cmd, Emit):
-                await transport.publish(subjects.event(wf, tx), self._encode_event(cmd.event))
+                event = cmd.event
+                if event.type == "finish" and state.result is not None:
+                    event = msgspec.structs.replace(event, result=decode(state.result))
+                await self.publish_event(event)
             elif isinstance(cmd, Finished):
                 retention = self.graphs[wf].retention
                 await self.store.finish(state, self.retention if retention is None else retention)
@@ -416,8 +412,9 @@ class CoordinatorHost:
             elif isinstance(cmd, SetTimer):
                 self.arm(tx, wf, cmd)
             elif isinstance(cmd, StartChild):
+                # Straight to the child's partition: internal starts carry the parent link.
                 await transport.enqueue(
-                    subjects.start(cmd.workflow),
+                    subjects.tx(cmd.transaction_id),
                     encode_message(
                         StartWorkflow(
                             workflow=cmd.workflow,
@@ -459,8 +456,8 @@ class CoordinatorHost:
             elif isinstance(cmd, PublishHook):
                 await transport.publish(
                     subjects.hook(wf, cmd.hook),
-                    cmd.payload,
-                    headers={"Content-Type": "application/msgpack", "Orch-Transaction": tx},
+                    _json(decode(cmd.payload)),
+                    headers={"Content-Type": "application/json", "Orch-Transaction": tx},
                 )
 
     async def notify_parent(self, state: TxState, *, action: str) -> None:
@@ -505,10 +502,18 @@ class CoordinatorHost:
             error=StepError(step="", action="start", type=type(error).__name__, message=str(error)),
         )
         if self.transport.has_interest(subject):
-            await self.transport.publish(subject, self._encode_event(event))
+            await self.publish_event(event)
         self._forget_tx(msg.transaction_id)
         if work is not None:
             await work.term()
+
+    async def publish_event(self, event: LifecycleEvent) -> None:
+        """Publish a lifecycle event (JSON, for any subscriber)."""
+        await self.transport.publish(
+            self.subjects.event(event.workflow, event.transaction_id),
+            _json(event),
+            headers={"Content-Type": "application/json"},
+        )
 
     def _forget_tx(self, transaction_id: str) -> None:
         actor = self.actors.get(transaction_id)

@@ -89,6 +89,10 @@ class TxReply(msgspec.Struct, frozen=True, kw_only=True, tag="reply", forbid_unk
     ok: bool
     error: str | None = None
     error_type: str | None = None
+    state: str | None = None
+    """The transaction's state once the request applied."""
+    settled: bool = False
+    """It only waits on async steps once the request applied."""
 
 
 Message = StartWorkflow | TxEvent | StepCommand | AbortStep | TxReply

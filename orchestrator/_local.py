@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
-import os
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
@@ -13,28 +11,25 @@ import anyio.lowlevel
 import msgspec
 
 from actors import (
+    WORK_QUEUE,
     ActorSystem,
     CoordinatorHost,
     ExecutorHost,
-    Mailbox,
+    Gateway,
     MemoryStore,
     Signal,
     StartWorkflow,
     Store,
     Subjects,
-    TxEvent,
-    TxEventBody,
-    TxReply,
-    decode_message,
-    encode_message,
+    new_transaction_id,
 )
-from transport import MemoryTransport, Msg, Transport
+from transport import MemoryTransport, Transport
 
+from ._api import EngineAPI
 from ._codec import decode, encode_value
 from ._composer import Workflow
 from ._errors import (
     ConfigurationError,
-    StepNotAwaitingError,
     TransactionNotFoundError,
     UnknownWorkflowError,
     WorkflowFailedError,
@@ -42,29 +37,16 @@ from ._errors import (
 from ._graph import Graph
 from ._step import Step, as_container
 from ._transaction import (
-    Cancel,
-    Complete,
-    RetryStep,
     TxState,
     is_settled,
     to_result,
 )
-from ._types import LifecycleEvent, StepError, TransactionState, WorkflowResult
+from ._types import LifecycleEvent, TransactionState, WorkflowResult
 
 __all__ = ["LocalEngine", "TransactionHandle"]
 
 DEFAULT_RETENTION = 86400.0
 _EMPTY_CONTEXT = encode_value({}, "context")
-
-
-_ID_PREFIX = os.urandom(8).hex()
-_id_counter = itertools.count(1)
-
-
-def _new_id(workflow: str) -> str:
-    """A fresh transaction id: the workflow name, 64 random bits drawn once per process, and a
-    counter (a system call per id showed up in profiles)."""
-    return f"{workflow}-{_ID_PREFIX}{next(_id_counter):x}"
 
 
 async def _wait(event: Signal, timeout: float | None) -> None:
@@ -113,24 +95,6 @@ def step_table(
     return steps, limits
 
 
-def parse_key(workflows: Mapping[str, Workflow], key: str) -> list[tuple[str, str, str, str]]:
-    """Candidate ``(workflow, transaction, step, action)`` for an idempotency key.
-
-    The key is ``<workflow>:<transaction>:<step>:<action>``; names may contain ``:``, so it is
-    matched against the known workflow and step names rather than split.
-    """
-    out = []
-    for name, wf in workflows.items():
-        if not key.startswith(name + ":"):
-            continue
-        for node in wf.graph.nodes:
-            for action in ("invoke", "compensate"):
-                suffix = f":{node.name}:{action}"
-                if key.endswith(suffix) and len(key) > len(name) + 1 + len(suffix):
-                    out.append((name, key[len(name) + 1 : -len(suffix)], node.name, action))
-    return out
-
-
 class TransactionHandle:
     """A started transaction: ``await handle.wait()`` for its final result."""
 
@@ -151,7 +115,7 @@ class TransactionHandle:
         return f"<TransactionHandle {self.workflow}:{self.transaction_id}>"
 
 
-class LocalEngine:
+class LocalEngine(EngineAPI):
     """Runs workflows in this process (local single-node mode): no server needed.
 
     ``async with LocalEngine(workflows=[...], container={...}) as engine:``
@@ -197,6 +161,16 @@ class LocalEngine:
                 retention=self.retention,
             )
             await self._coordinators.start()
+            gateway = Gateway(
+                transport=self.transport,
+                system=system,
+                store=self.store,
+                graphs=self.graphs,
+                subjects=self.subjects,
+                route=self._coordinators.route,
+                clock=self._coordinators.clock,
+            )
+            await gateway.start(WORK_QUEUE)
             steps, limits = step_table(self.workflows)
             executors = ExecutorHost(
                 transport=self.transport,
@@ -256,7 +230,7 @@ class LocalEngine:
             raise ConfigurationError(
                 f"result_from: workflow {wf.name!r} has no step {result_from!r}"
             )
-        tx = transaction_id or _new_id(wf.name)
+        tx = transaction_id or new_transaction_id(wf.name)
         state = await self._start(wf, tx, input, context, timeout, settle=True)
         return self._finish(state, throw_on_error, result_from)
 
@@ -270,7 +244,7 @@ class LocalEngine:
     ) -> TransactionHandle:
         """Start a workflow and return its handle at once."""
         wf = self._workflow(workflow)
-        tx = transaction_id or _new_id(wf.name)
+        tx = transaction_id or new_transaction_id(wf.name)
         existing = await self.store.load(tx)
         if existing is None:
             self._send_start(wf, tx, input, context)
@@ -399,110 +373,20 @@ class LocalEngine:
             if wanted is None or s.status == wanted
         ]
 
-    # -- acting on a transaction
-    async def _request(self, verb: str, state: TxState, event: TxEventBody) -> None:
-        msg = TxEvent(workflow=state.workflow, transaction_id=state.transaction_id, event=event)
-        reply: Msg = await self.transport.request(
-            self.subjects.api(verb), encode_message(msg), timeout=30
-        )
-        answer = decode_message(reply.data)
-        if isinstance(answer, TxReply) and not answer.ok:
-            if answer.error_type == "TransactionNotFoundError":
-                raise TransactionNotFoundError(answer.error or "transaction not found")
-            raise StepNotAwaitingError(answer.error or "rejected")
+    async def _settled(self, transaction_id: str, timeout: float | None) -> WorkflowResult:
+        state = await self._await(transaction_id, timeout, settle=True)
+        return self._finish(state, throw_on_error=False)
 
-    async def cancel(self, transaction_id: str, *, timeout: float | None = None) -> WorkflowResult:
-        """Compensate a running or finished (retained) transaction; its final result."""
-        state = await self.store.load(transaction_id)
-        if state is None:
-            raise TransactionNotFoundError(f"transaction {transaction_id!r} not found")
-        await self._request("cancel", state, Cancel(now=0.0))
-        return await self.wait(transaction_id, timeout=timeout)
-
-    async def _key(self, key: str) -> tuple[TxState, str, str]:
-        if not isinstance(key, str):
-            raise ConfigurationError(f"an idempotency key is a string, got {key!r}")
-        for _wf, tx, step, action in parse_key(self.workflows, key):
-            state = await self.store.load(tx)
-            if state is not None and state.workflow == _wf:
-                return state, step, action
-        raise TransactionNotFoundError(
-            f"unknown idempotency key {key!r}: no live transaction has that step "
-            "(expected '<workflow>:<transaction>:<step>:<invoke|compensate>')"
-        )
-
-    async def set_step_success(
-        self, key: str, response: Any = None, *, timeout: float | None = None
-    ) -> WorkflowResult:
-        """Complete an async step (or async compensation) that awaits a response."""
-        state, step, action = await self._key(key)
-        try:
-            output = encode_value(response, f"the response for step {step!r}")
-        except TypeError as exc:
-            raise ConfigurationError(str(exc)) from None
-        event = Complete(now=0.0, step=step, action=action, ok=True, output=output)
-        return await self._external(state, "set_step_success", event, timeout)
-
-    async def set_step_failure(
-        self,
-        key: str,
-        error: Any = None,
-        *,
-        force_permanent: bool = False,
-        timeout: float | None = None,
-    ) -> WorkflowResult:
-        """Fail an async step that awaits a response (retried unless ``force_permanent``)."""
-        state, step, action = await self._key(key)
-        if isinstance(error, BaseException):
-            err = StepError(step=step, action=action, type=type(error).__name__, message=str(error))
-        else:
-            err = StepError(
-                step=step, action=action, type="StepFailure", message=str(error or "step failed")
-            )
-        event = Complete(
-            now=0.0, step=step, action=action, ok=False, error=err, force_permanent=force_permanent
-        )
-        return await self._external(state, "set_step_failure", event, timeout)
-
-    async def retry_step(self, key: str, *, timeout: float | None = None) -> WorkflowResult:
-        """Invoke again an async step that awaits a response."""
-        state, step, _ = await self._key(key)
-        return await self._external(state, "retry_step", RetryStep(now=0.0, step=step), timeout)
-
-    async def _external(
-        self, state: TxState, verb: str, event: TxEventBody, timeout: float | None
-    ) -> WorkflowResult:
-        await self._request(verb, state, event)
-        final = await self._await(state.transaction_id, timeout, settle=True)
-        return self._finish(final, throw_on_error=False)
-
-    # -- watching
-    async def events(
-        self, workflow: str | Workflow | None = None, transaction_id: str | None = None
-    ) -> AsyncIterator[LifecycleEvent]:
-        """Lifecycle events as they happen (an async iterator; stop by breaking out)."""
-        name = None if workflow is None else self._workflow(workflow).name
-        subject = self.subjects.event_pattern(name, transaction_id)
-        async for msg in self._subscribe(subject):
-            yield _event_decoder.decode(msg.data)
+    def _workflow_name(self, workflow: Any) -> str:
+        return self._workflow(workflow).name
 
     async def hooks(self, workflow: str | Workflow, hook: str) -> AsyncIterator[Any]:
         """Payloads published by a hook, as they come."""
         wf = self._workflow(workflow)
         if hook not in {n.name for n in wf.graph.nodes if n.kind == "hook"}:
             raise ConfigurationError(f"workflow {wf.name!r} has no hook {hook!r}")
-        async for msg in self._subscribe(self.subjects.hook(wf.name, hook)):
-            yield decode(msg.data)
-
-    async def _subscribe(self, subject: str) -> AsyncIterator[Msg]:
-        box: Mailbox[Msg] = Mailbox()
-        sub = await self.transport.subscribe(subject, box.send)
-        try:
-            while True:
-                yield await box.get()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await sub.unsubscribe()
+        async for payload in super().hooks(wf, hook):
+            yield payload
 
     def __repr__(self) -> str:
         return f"<LocalEngine workflows={sorted(self.workflows)}>"

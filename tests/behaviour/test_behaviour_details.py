@@ -105,17 +105,20 @@ async def test_event_kinds_skipped_awaiting_and_timeout(make_engine, kit, collec
             await engine.run(wf, transaction_id="ek-1")
             await events.wait_for(lambda evs: any(e.type == "finish" for e in evs))
 
+    # `suspend` (the run only waits on async steps) is published once the turn that started
+    # the async step ends, before its handler reports back.
     kinds = [(e.type, e.step) for e in events.items]
-    assert kinds[:5] == [
+    assert kinds[:6] == [
         ("begin", None),
         ("step_skipped", "never"),
         ("step_begin", "waits"),
+        ("suspend", None),
         ("step_awaiting", "waits"),
         ("timeout", None),
     ]
     assert kinds[-1] == ("finish", None)
     assert ("compensate_step_success", "waits") in kinds
-    timeout = events.items[4]
+    timeout = events.items[5]
     assert timeout.error is not None
     assert timeout.error.type == "WorkflowTimeoutError"
     assert events.items[-1].state == "reverted"
