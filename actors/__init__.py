@@ -16,7 +16,6 @@ from ._system import Dispatcher as Dispatcher
 from ._system import Mailbox as Mailbox
 from ._system import Signal as Signal
 from ._timers import Timers as Timers
-from .coordinator import WORK_QUEUE as WORK_QUEUE
 from .coordinator import CoordinatorActor as CoordinatorActor
 from .coordinator import CoordinatorHost as CoordinatorHost
 from .executor import ExecutorHost as ExecutorHost
@@ -32,7 +31,6 @@ from .messages import decode_message as decode_message
 from .messages import encode_message as encode_message
 
 __all__ = [
-    "WORK_QUEUE",
     "AbortStep",
     "Actor",
     "ActorSystem",

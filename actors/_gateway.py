@@ -102,11 +102,15 @@ class Gateway:
         self._reply_prefix = f"{subjects.prefix}.reply.{os.urandom(6).hex()}"
         self._reply_ids = itertools.count(1)
 
-    async def start(self, work_queue: str) -> None:
+    async def start(self) -> None:
         """Consume start messages and serve the API."""
         p = self.subjects.prefix
         await self.transport.consume(
-            work_queue, "gateway-start", f"{p}.start.*", self._on_start, max_in_flight=1024
+            self.subjects.work_queue,
+            "gateway-start",
+            f"{p}.start.*",
+            self._on_start,
+            max_in_flight=1024,
         )
         await self.transport.subscribe(f"{p}.api.*", self._on_api, queue="orch-gateway")
         await self.transport.subscribe(f"{self._reply_prefix}.*", self._on_reply)

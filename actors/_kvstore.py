@@ -39,7 +39,7 @@ class KvStore(Store):
 
     def __init__(self, transport: Transport, *, prefix: str = "orch") -> None:
         self.transport = transport
-        self.prefix = prefix
+        self.prefix = re.sub(r"[^A-Za-z0-9_-]", "_", prefix)
         self._live: KeyValue | None = None
         self._done: KeyValue | None = None
         self._revisions: dict[str, int] = {}

@@ -7,6 +7,8 @@ import zlib
 from functools import lru_cache
 from urllib.parse import unquote
 
+from transport import QueueConfig
+
 __all__ = ["Subjects", "token", "untoken"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-:]")
@@ -75,3 +77,23 @@ class Subjects:
         """What the work-queue stream carries."""
         p = self.prefix
         return (f"{p}.start.*", f"{p}.tx.*", f"{p}.step.*")
+
+    @property
+    def names(self) -> str:
+        """The prefix as a stream or bucket name part (``orch`` -> ``orch``)."""
+        return re.sub(r"[^A-Za-z0-9_-]", "_", self.prefix)
+
+    @property
+    def work_queue(self) -> str:
+        """The work-queue stream: ``ORCH_WORK`` for the default prefix."""
+        return f"{self.names.upper()}_WORK"
+
+    def work_queue_config(self, *, ack_wait: float = 30.0) -> QueueConfig:
+        """The work queue: starts, transaction messages and step commands.
+
+        Deliveries are not capped: a message that cannot be handled is terminated by whoever
+        reads it, and a redelivered step command is run again (its result is deduplicated).
+        """
+        return QueueConfig(
+            name=self.work_queue, subjects=self.work_subjects, max_deliver=-1, ack_wait=ack_wait
+        )

@@ -39,7 +39,7 @@ from orchestrator._transaction import (
     new_state,
 )
 from orchestrator._types import LifecycleEvent, StepError
-from transport import QueueConfig, Transport, WorkMsg
+from transport import Transport, WorkMsg
 
 from ._store import Store
 from ._subjects import Subjects
@@ -55,11 +55,10 @@ from .messages import (
     encode_message,
 )
 
-__all__ = ["WORK_QUEUE", "CoordinatorActor", "CoordinatorHost", "Watcher"]
+__all__ = ["CoordinatorActor", "CoordinatorHost", "Watcher"]
 
 log = structlog.get_logger("orchestrator.coordinator")
 
-WORK_QUEUE = "ORCH_WORK"
 MAX_RESTARTS = 3
 """Restarts of a coordinator actor whose turns keep failing before it stops for good."""
 
@@ -304,13 +303,15 @@ class CoordinatorHost:
     async def start(self) -> None:
         """Create the work queue (idempotent), start consuming and arm the timer task."""
         transport = self.transport
-        await transport.ensure_queue(
-            QueueConfig(name=WORK_QUEUE, subjects=self.subjects.work_subjects)
-        )
+        await transport.ensure_queue(self.subjects.work_queue_config())
         self.system.start_soon(self.timers.run, name="coordinator timers")
         p = self.subjects.prefix
         await transport.consume(
-            WORK_QUEUE, "coordinator-tx", f"{p}.tx.*", self._on_work, max_in_flight=4096
+            self.subjects.work_queue,
+            "coordinator-tx",
+            f"{p}.tx.*",
+            self._on_work,
+            max_in_flight=4096,
         )
 
     # -- routing

@@ -19,7 +19,6 @@ from transport import Msg, Transport, WorkMsg
 
 from ._subjects import Subjects
 from ._system import ActorSystem
-from .coordinator import WORK_QUEUE
 from .messages import AbortStep, StepCommand, TxEvent, decode_message, encode_message
 
 __all__ = ["DEFAULT_IN_FLIGHT", "ExecutorHost", "StepExecutor"]
@@ -300,7 +299,7 @@ class ExecutorHost:
         for name, executor in self.executors.items():
             subject = self.subjects.step(name)
             await self.transport.consume(
-                WORK_QUEUE,
+                self.subjects.work_queue,
                 f"step-{subject.rsplit('.', 1)[1]}",
                 subject,
                 executor.deliver,

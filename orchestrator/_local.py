@@ -11,7 +11,6 @@ import anyio.lowlevel
 import msgspec
 
 from actors import (
-    WORK_QUEUE,
     ActorSystem,
     CoordinatorHost,
     ExecutorHost,
@@ -170,7 +169,7 @@ class LocalEngine(EngineAPI):
                 route=self._coordinators.route,
                 clock=self._coordinators.clock,
             )
-            await gateway.start(WORK_QUEUE)
+            await gateway.start()
             steps, limits = step_table(self.workflows)
             executors = ExecutorHost(
                 transport=self.transport,
