@@ -16,9 +16,16 @@ import anyio
 import msgspec
 import structlog
 
-from orchestrator._codec import encode_value
+from orchestrator._codec import decode, encode_value
 from orchestrator._graph import Graph
-from orchestrator._transaction import Cancel, Complete, RetryStep, TxState, to_result
+from orchestrator._transaction import (
+    Cancel,
+    Complete,
+    RetryStep,
+    TxState,
+    is_settled,
+    to_result,
+)
 from orchestrator._types import LifecycleEvent, StepError, TransactionState
 from transport import Msg, Transport, WorkMsg
 
@@ -161,13 +168,7 @@ class Gateway:
 
     async def _reject(self, work: WorkMsg, workflow: str, message: str) -> None:
         log.warning("bad start request", subject=work.subject, error=message)
-        tx = ""
-        try:
-            raw = msgspec.json.decode(work.data) if work.data[:1] == b"{" else None
-            if isinstance(raw, dict) and isinstance(raw.get("transaction_id"), str):
-                tx = raw["transaction_id"]
-        except msgspec.DecodeError:
-            pass
+        tx = _transaction_id_of(work.data)
         event = LifecycleEvent(
             type="error",
             workflow=workflow,
@@ -211,9 +212,16 @@ class Gateway:
         encoding = content_type(msg.headers, msg.data)
         if verb == "start":
             start = self.start_message(msg.data, msg.headers, None)
+            # Onto the durable start subject, as any client could have put it, with the id fixed.
+            request = StartRequest(
+                workflow=start.workflow,
+                transaction_id=start.transaction_id,
+                input=msgspec.msgpack.decode(start.input),
+                context=msgspec.msgpack.decode(start.context),
+            )
             await self.transport.enqueue(
                 self.subjects.start(start.workflow),
-                encode_message(start),
+                msgspec.msgpack.encode(request),
                 headers={"Content-Type": MSGPACK},
                 msg_id=start.transaction_id,
             )
@@ -223,7 +231,24 @@ class Gateway:
             state = await self.store.load(get.transaction_id)
             if state is None:
                 return _not_found(get.transaction_id)
-            return ApiReply(ok=True, transaction_id=state.transaction_id, result=self.result(state))
+            result = self.result(state)
+            if get.result_from is not None:
+                record = state.steps.get(get.result_from)
+                if record is None:
+                    raise ProtocolError(
+                        f"result_from: workflow {state.workflow!r} has no step {get.result_from!r}"
+                    )
+                value = decode(record.output) if record.output is not None else None
+                result = msgspec.structs.replace(result, result=value)
+            graph = self.graphs.get(state.workflow)
+            settled = graph is not None and graph.has_async and is_settled(graph, state)
+            return ApiReply(
+                ok=True,
+                transaction_id=state.transaction_id,
+                state=state.status,
+                settled=settled,
+                result=result,
+            )
         if verb == "list":
             query = decode_request(msg.data, ListRequest, encoding)
             if query.workflow is not None and query.workflow not in self.graphs:
@@ -236,8 +261,7 @@ class Gateway:
                 results=[self.result(s) for s in states if query.state in (None, s.status)],
             )
         if verb in ("cancel", "set_step_success", "set_step_failure", "retry_step"):
-            request = decode_request(msg.data, StepRequest, encoding)
-            return await self.act(verb, request)
+            return await self.act(verb, decode_request(msg.data, StepRequest, encoding))
         raise ProtocolError(
             f"unknown API verb {verb!r}; verbs: start, get, list, cancel, set_step_success, "
             "set_step_failure, retry_step"
@@ -345,6 +369,18 @@ class Gateway:
         if isinstance(answer, TxReply):
             self._answers[token] = answer
             signal.set()
+
+
+def _transaction_id_of(data: bytes) -> str:
+    """The transaction id a (maybe broken) start request names, if it can be read."""
+    for decode_any in (msgspec.json.decode, msgspec.msgpack.decode):
+        try:
+            raw = decode_any(data)
+        except (msgspec.DecodeError, ValueError, TypeError):
+            continue
+        if isinstance(raw, dict) and isinstance(raw.get("transaction_id"), str):
+            return str(raw["transaction_id"])
+    return ""
 
 
 def _not_found(transaction_id: str) -> ApiReply:

@@ -62,6 +62,8 @@ class StepRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class GetRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     transaction_id: str
+    result_from: str | None = None
+    """Give this step's output as the result."""
 
 
 class ListRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -38,12 +38,18 @@ _ERRORS: dict[str, type[OrchestratorError]] = {
 }
 
 
+def _protocol_error(message: str) -> type[OrchestratorError]:
+    return UnknownWorkflowError if message.startswith("unknown workflow") else ConfigurationError
+
+
 def raise_for(reply: ApiReply) -> None:
     """Raise the error an API reply carries, as the exception named for its condition."""
     if reply.ok:
         return
-    cls = _ERRORS.get(reply.error_type or "", OrchestratorError)
-    raise cls(reply.error or "the request failed")
+    message = reply.error or "the request failed"
+    if reply.error_type == "ProtocolError":
+        raise _protocol_error(message)(message)
+    raise _ERRORS.get(reply.error_type or "", OrchestratorError)(message)
 
 
 class EngineAPI:

@@ -19,11 +19,14 @@ import pytest
 
 from actors import KvStore
 from orchestrator import LocalEngine, Step, StepContext, create_step
+from orchestrator._client import Client
+from orchestrator._services import Coordinator, Worker
 from transport import MemoryTransport
 
-MODES = ["local", "local-kv"]
+MODES = ["local", "local-kv", "services"]
 """``local``: LocalEngine as users get it; ``local-kv``: the same, keeping transactions in the
-key-value store the NATS services use (over the memory transport)."""
+key-value store the NATS services use (over the memory transport); ``services``: a coordinator
+service, a worker service and a client, talking over one memory transport as they do over NATS."""
 
 DEADLINE = 5.0
 """Seconds any single wait in a behaviour test may take before the test fails."""
@@ -63,6 +66,16 @@ def make_engine(engine_mode: str) -> Callable[..., contextlib.AbstractAsyncConte
                 **kw,
             ) as engine:
                 yield engine
+        elif engine_mode == "services":
+            transport = MemoryTransport()
+            coordinator_options = {k: kw.pop(k) for k in ("retention",) if k in kw}
+            async with (
+                transport,
+                Coordinator(workflows, transport=transport, **coordinator_options),
+                Worker(workflows, transport=transport, container=container, **kw),
+                Client(transport, owns_transport=False) as client,
+            ):
+                yield client
         else:  # pragma: no cover - added with the NATS mode
             raise NotImplementedError(engine_mode)
 

@@ -1,0 +1,261 @@
+"""The client of coordinator services: the engine API over a transport (NATS in production)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import msgspec
+
+from actors import Mailbox, Subjects, new_transaction_id
+from actors.protocol import GetRequest, ListRequest, StartRequest
+from transport import Msg, Transport
+
+from ._api import EngineAPI
+from ._errors import (
+    ConfigurationError,
+    TransactionNotFoundError,
+    UnknownWorkflowError,
+    WorkflowFailedError,
+)
+from ._types import LifecycleEvent, TransactionState, WorkflowResult
+
+__all__ = ["Client", "ClientHandle", "connect"]
+
+_event_decoder = msgspec.json.Decoder(LifecycleEvent)
+_WAKE = frozenset(("finish", "suspend", "error"))
+
+
+class ClientHandle:
+    """A transaction started through a client: ``await handle.wait()``."""
+
+    def __init__(self, client: Client, workflow: str, transaction_id: str) -> None:
+        self.client = client
+        self.workflow = workflow
+        self.transaction_id = transaction_id
+
+    async def wait(self, timeout: float | None = None) -> WorkflowResult:
+        return await self.client.wait(self.transaction_id, timeout=timeout)
+
+    async def get(self) -> WorkflowResult:
+        return await self.client.get(self.transaction_id)
+
+    def __repr__(self) -> str:
+        return f"<ClientHandle {self.workflow}:{self.transaction_id}>"
+
+
+class Client(EngineAPI):
+    """The same methods as :class:`LocalEngine`, served by coordinators elsewhere.
+
+    Workflows are named (a :class:`Workflow` object works too, for its name); the client needs
+    no definitions.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        prefix: str = "orch",
+        partitions: int = 16,
+        request_timeout: float = 30.0,
+        owns_transport: bool = True,
+    ) -> None:
+        self.transport = transport
+        self.subjects = Subjects(prefix, partitions)
+        self.request_timeout = request_timeout
+        self._owns_transport = owns_transport
+        self._started: set[str] = set()
+        """Transactions started through this client and not seen finished: until their
+        coordinator takes the start, `wait` treats "not found" as "not begun yet"."""
+
+    async def __aenter__(self) -> Client:
+        if self._owns_transport:
+            await self.transport.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._owns_transport:
+            await self.transport.__aexit__(*exc)
+
+    # -- running
+    async def run(
+        self,
+        workflow: Any,
+        input: Any = None,
+        *,
+        transaction_id: str | None = None,
+        context: Mapping[str, Any] | None = None,
+        throw_on_error: bool = True,
+        result_from: str | None = None,
+        timeout: float | None = None,
+    ) -> WorkflowResult:
+        """Run a workflow and wait until it finishes, or only waits on async steps."""
+        name = self._workflow_name(workflow)
+        tx = transaction_id or new_transaction_id(name)
+        async with self._watch(tx) as box:
+            await self._send_start(name, tx, input, context)
+            result = await self._until(tx, box, timeout, settle=True)
+        if result_from is not None:
+            result = await self._get(tx, result_from)
+        if throw_on_error and result.state in (TransactionState.REVERTED, TransactionState.FAILED):
+            raise WorkflowFailedError(result)
+        return result
+
+    async def start(
+        self,
+        workflow: Any,
+        input: Any = None,
+        *,
+        transaction_id: str | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> ClientHandle:
+        """Start a workflow; returns a handle at once."""
+        name = self._workflow_name(workflow)
+        tx = transaction_id or new_transaction_id(name)
+        await self._send_start(name, tx, input, context)
+        return ClientHandle(self, name, tx)
+
+    async def _send_start(
+        self, workflow: str, tx: str, input: Any, context: Mapping[str, Any] | None
+    ) -> None:
+        # Through the API, not straight onto the start subject: the gateway checks the request
+        # (workflow known, input encodable, size) and says what is wrong before anything runs.
+        request = StartRequest(
+            workflow=workflow, transaction_id=tx, input=input, context=dict(context or {})
+        )
+        self._started.add(tx)
+        try:
+            await self._call("start", request)
+        except TypeError as exc:
+            self._started.discard(tx)
+            raise ConfigurationError(
+                f"the input of workflow {workflow!r} cannot be encoded: {exc}"
+            ) from None
+        except BaseException:
+            self._started.discard(tx)
+            raise
+
+    async def wait(self, transaction_id: str, *, timeout: float | None = None) -> WorkflowResult:
+        """Wait until the transaction is finished; its result (never raises for a failure)."""
+        async with self._watch(transaction_id) as box:
+            return await self._until(transaction_id, box, timeout, settle=False)
+
+    async def _settled(self, transaction_id: str, timeout: float | None) -> WorkflowResult:
+        async with self._watch(transaction_id) as box:
+            return await self._until(transaction_id, box, timeout, settle=True)
+
+    async def _until(
+        self, tx: str, box: Mailbox[LifecycleEvent], timeout: float | None, *, settle: bool
+    ) -> WorkflowResult:
+        finish: LifecycleEvent | None = None
+        with anyio.fail_after(timeout):
+            while True:
+                try:
+                    result, settled = await self._get_state(tx)
+                except TransactionNotFoundError:
+                    if finish is not None:  # finished and not retained (retention 0)
+                        return _from_event(finish)
+                    if tx not in self._started:
+                        raise
+                    result, settled = None, False  # started here, not begun yet
+                if result is not None and (result.state.finished or (settle and settled)):
+                    self._started.discard(tx)
+                    return result
+                event = await box.get()
+                while event.type not in _WAKE:
+                    event = await box.get()
+                if event.type == "finish":
+                    finish = event
+                elif event.type == "error" and event.error is not None:
+                    self._started.discard(tx)
+                    if "unknown workflow" in event.error.message:
+                        raise UnknownWorkflowError(event.error.message)
+                    raise ConfigurationError(event.error.message)
+
+    # -- reading
+    async def get(self, transaction_id: str) -> WorkflowResult:
+        """The current picture of a live or retained transaction."""
+        return await self._get(transaction_id, None)
+
+    async def _get(self, transaction_id: str, result_from: str | None) -> WorkflowResult:
+        answer = await self._call(
+            "get", GetRequest(transaction_id=transaction_id, result_from=result_from)
+        )
+        assert answer.result is not None
+        return answer.result
+
+    async def _get_state(self, transaction_id: str) -> tuple[WorkflowResult, bool]:
+        answer = await self._call("get", GetRequest(transaction_id=transaction_id))
+        assert answer.result is not None
+        return answer.result, answer.settled
+
+    async def list(
+        self, workflow: Any = None, *, state: str | TransactionState | None = None
+    ) -> list[WorkflowResult]:
+        """Live and retained transactions, optionally of one workflow and/or in one state."""
+        name = None if workflow is None else self._workflow_name(workflow)
+        wanted = None if state is None else TransactionState(state).value
+        answer = await self._call("list", ListRequest(workflow=name, state=wanted))
+        return list(answer.results or [])
+
+    # -- events
+    def _watch(self, transaction_id: str) -> _Watch:
+        return _Watch(self, transaction_id)
+
+
+def _from_event(event: LifecycleEvent) -> WorkflowResult:
+    """A result from a ``finish`` event, for a transaction that is no longer retained."""
+    return WorkflowResult(
+        workflow=event.workflow,
+        transaction_id=event.transaction_id,
+        state=TransactionState(event.state or "done"),
+        result=event.result,
+        finished_at=event.timestamp,
+    )
+
+
+class _Watch:
+    """Events of one transaction, subscribed before anything that could produce them."""
+
+    def __init__(self, client: Client, transaction_id: str) -> None:
+        self.client = client
+        self.subject = client.subjects.event_pattern(None, transaction_id)
+        self.box: Mailbox[LifecycleEvent] = Mailbox()
+        self.sub: Any = None
+
+    def _on(self, msg: Msg) -> None:
+        with contextlib.suppress(msgspec.DecodeError):  # not an event of ours: ignore it
+            self.box.send(_event_decoder.decode(msg.data))
+
+    async def __aenter__(self) -> Mailbox[LifecycleEvent]:
+        self.sub = await self.client.transport.subscribe(self.subject, self._on)
+        return self.box
+
+    async def __aexit__(self, *exc: Any) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.sub.unsubscribe()
+
+
+def connect(
+    servers: str | list[str] = "nats://127.0.0.1:4222",
+    *,
+    prefix: str = "orch",
+    partitions: int = 16,
+    request_timeout: float = 30.0,
+    **options: Any,
+) -> Client:
+    """A client of the services on NATS: ``async with connect(url) as client:``.
+
+    ``options`` go to the NATS connection (``user``, ``password``, ``token``,
+    ``user_credentials``, ``nkeys_seed``, ``tls``...).
+    """
+    from transport import NatsTransport
+
+    return Client(
+        NatsTransport(servers, **options),
+        prefix=prefix,
+        partitions=partitions,
+        request_timeout=request_timeout,
+    )

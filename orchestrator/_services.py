@@ -1,0 +1,186 @@
+"""The distributed services: coordinators and workers, on any transport (NATS in production).
+
+``Coordinator`` runs the gateway (public start and API subjects) and the coordinator actors,
+keeping transactions in the key-value store; ``Worker`` runs step executors. Both take a
+connected transport and the workflows they serve; neither keeps a global registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from actors import (
+    ActorSystem,
+    CoordinatorHost,
+    ExecutorHost,
+    Gateway,
+    KvStore,
+    Store,
+    Subjects,
+)
+from actors._gateway import DEFAULT_MAX_PAYLOAD
+from transport import Transport
+
+from ._composer import Workflow
+from ._errors import ConfigurationError
+from ._local import DEFAULT_RETENTION, collect_workflows, step_table
+from ._step import as_container
+
+__all__ = ["Coordinator", "Worker"]
+
+
+class _Service:
+    def __init__(self) -> None:
+        self._stack: contextlib.AsyncExitStack | None = None
+        self.started_at = 0.0
+
+    async def __aexit__(self, *exc: Any) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.__aexit__(*exc)
+
+    async def _enter(self, setup: Any) -> None:
+        stack = contextlib.AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            await setup(stack)
+        except BaseException:
+            await stack.__aexit__(None, None, None)
+            raise
+        self._stack = stack
+        self.started_at = time.time()
+
+
+class Coordinator(_Service):
+    """Runs transactions: ``async with Coordinator(workflows, transport=t):``.
+
+    It owns every partition (partition leases and failover between coordinators come with the
+    fault-tolerance work).
+    """
+
+    def __init__(
+        self,
+        workflows: Iterable[Workflow],
+        *,
+        transport: Transport,
+        prefix: str = "orch",
+        partitions: int = 16,
+        retention: float = DEFAULT_RETENTION,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        store: Store | None = None,
+    ) -> None:
+        super().__init__()
+        self.workflows = collect_workflows(workflows)
+        if not self.workflows:
+            raise ConfigurationError("a coordinator needs at least one workflow")
+        self.graphs = {name: wf.graph for name, wf in self.workflows.items()}
+        self.transport = transport
+        self.subjects = Subjects(prefix, partitions)
+        self.retention = retention
+        self.max_payload = max_payload
+        self.store: Store = store or KvStore(transport, prefix=prefix)
+        self.host: CoordinatorHost | None = None
+
+    async def __aenter__(self) -> Coordinator:
+        async def setup(stack: contextlib.AsyncExitStack) -> None:
+            await self.store.open()
+            system = await stack.enter_async_context(ActorSystem())
+            host = CoordinatorHost(
+                transport=self.transport,
+                store=self.store,
+                system=system,
+                graphs=self.graphs,
+                subjects=self.subjects,
+                retention=self.retention,
+            )
+            await host.start()
+            gateway = Gateway(
+                transport=self.transport,
+                system=system,
+                store=self.store,
+                graphs=self.graphs,
+                subjects=self.subjects,
+                route=host.route,
+                max_payload=self.max_payload,
+                clock=host.clock,
+            )
+            await gateway.start()
+            self.host = host
+
+        await self._enter(setup)
+        return self
+
+    def stats(self) -> dict[str, Any]:
+        """Figures for service discovery (``$SRV.STATS``)."""
+        host = self.host
+        return {
+            "workflows": sorted(self.workflows),
+            "active_transactions": 0 if host is None else len(host.actors),
+            "timers": 0 if host is None else len(host.timers),
+            "uptime_s": round(time.time() - self.started_at, 3) if self.started_at else 0.0,
+        }
+
+
+class Worker(_Service):
+    """Runs step handlers: ``async with Worker(workflows, transport=t, container=c):``.
+
+    ``steps`` limits the worker to some step names (default: every step of the workflows).
+    """
+
+    def __init__(
+        self,
+        workflows: Iterable[Workflow],
+        *,
+        transport: Transport,
+        container: Any = None,
+        steps: Iterable[str] | None = None,
+        concurrency: int | None = None,
+        prefix: str = "orch",
+        partitions: int = 16,
+    ) -> None:
+        super().__init__()
+        self.workflows = collect_workflows(workflows)
+        self.transport = transport
+        self.subjects = Subjects(prefix, partitions)
+        self.container = as_container(container)
+        self.concurrency = concurrency
+        table, self.limits = step_table(self.workflows)
+        if steps is not None:
+            wanted = set(steps)
+            unknown = wanted - set(table)
+            if unknown:
+                raise ConfigurationError(
+                    f"unknown step(s) {sorted(unknown)}; the workflows have {sorted(table)}"
+                )
+            table = {name: defs for name, defs in table.items() if name in wanted}
+        self.steps = table
+        self.host: ExecutorHost | None = None
+
+    async def __aenter__(self) -> Worker:
+        async def setup(stack: contextlib.AsyncExitStack) -> None:
+            await self.transport.ensure_queue(self.subjects.work_queue_config())
+            system = await stack.enter_async_context(ActorSystem())
+            host = ExecutorHost(
+                transport=self.transport,
+                system=system,
+                steps=self.steps,
+                limits=self.limits,
+                subjects=self.subjects,
+                container=self.container,
+                concurrency=self.concurrency,
+            )
+            await host.start()
+            self.host = host
+
+        await self._enter(setup)
+        return self
+
+    def stats(self) -> dict[str, Any]:
+        """Figures for service discovery (``$SRV.STATS``)."""
+        return {
+            "steps": sorted(self.steps),
+            "uptime_s": round(time.time() - self.started_at, 3) if self.started_at else 0.0,
+        }
