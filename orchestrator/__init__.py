@@ -39,10 +39,13 @@ from ._types import TransactionState as TransactionState
 from ._types import WorkflowResult as WorkflowResult
 
 if TYPE_CHECKING:
+    from ._client import Client as Client
+    from ._client import connect as connect
     from ._local import LocalEngine as LocalEngine
     from ._local import TransactionHandle as TransactionHandle
 
 __all__ = [
+    "Client",
     "CompositionError",
     "ConfigurationError",
     "Hook",
@@ -70,6 +73,7 @@ __all__ = [
     "WorkflowResponse",
     "WorkflowResult",
     "WorkflowTimeoutError",
+    "connect",
     "create_hook",
     "create_step",
     "create_workflow",
@@ -80,7 +84,12 @@ __all__ = [
 
 # The engines sit on the actor runtime, which imports this package's core modules: importing
 # them lazily lets `import actors` come first.
-_LAZY = {"LocalEngine": "._local", "TransactionHandle": "._local"}
+_LAZY = {
+    "Client": "._client",
+    "LocalEngine": "._local",
+    "TransactionHandle": "._local",
+    "connect": "._client",
+}
 
 
 def __getattr__(name: str) -> Any:

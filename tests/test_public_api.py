@@ -8,6 +8,7 @@ import sys
 import orchestrator
 
 EXPECTED = {
+    "Client",
     "CompositionError",
     "ConfigurationError",
     "Hook",
@@ -35,6 +36,7 @@ EXPECTED = {
     "WorkflowResponse",
     "WorkflowResult",
     "WorkflowTimeoutError",
+    "connect",
     "create_hook",
     "create_step",
     "create_workflow",

@@ -20,7 +20,7 @@ import pytest
 from actors import KvStore
 from orchestrator import LocalEngine, Step, StepContext, create_step
 from orchestrator._client import Client
-from orchestrator._services import Coordinator, Worker
+from orchestrator.services import Coordinator, Worker
 from transport import MemoryTransport
 
 MODES = ["local", "local-kv", "services"]
