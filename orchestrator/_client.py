@@ -66,7 +66,7 @@ class Client(EngineAPI):
         self.subjects = Subjects(prefix, partitions)
         self.request_timeout = request_timeout
         self._owns_transport = owns_transport
-        self._started: set[str] = set()
+        self._started: dict[str, str] = {}
         """Transactions started through this client and not seen finished: until their
         coordinator takes the start, `wait` treats "not found" as "not begun yet"."""
 
@@ -125,16 +125,16 @@ class Client(EngineAPI):
         request = StartRequest(
             workflow=workflow, transaction_id=tx, input=input, context=dict(context or {})
         )
-        self._started.add(tx)
+        self._started[tx] = workflow
         try:
             await self._call("start", request)
         except TypeError as exc:
-            self._started.discard(tx)
+            self._started.pop(tx, None)
             raise ConfigurationError(
                 f"the input of workflow {workflow!r} cannot be encoded: {exc}"
             ) from None
         except BaseException:
-            self._started.discard(tx)
+            self._started.pop(tx, None)
             raise
 
     async def wait(self, transaction_id: str, *, timeout: float | None = None) -> WorkflowResult:
@@ -161,7 +161,7 @@ class Client(EngineAPI):
                         raise
                     result, settled = None, False  # started here, not begun yet
                 if result is not None and (result.state.finished or (settle and settled)):
-                    self._started.discard(tx)
+                    self._started.pop(tx, None)
                     return result
                 event = await box.get()
                 while event.type not in _WAKE:
@@ -169,7 +169,7 @@ class Client(EngineAPI):
                 if event.type == "finish":
                     finish = event
                 elif event.type == "error" and event.error is not None:
-                    self._started.discard(tx)
+                    self._started.pop(tx, None)
                     if "unknown workflow" in event.error.message:
                         raise UnknownWorkflowError(event.error.message)
                     raise ConfigurationError(event.error.message)
@@ -177,7 +177,18 @@ class Client(EngineAPI):
     # -- reading
     async def get(self, transaction_id: str) -> WorkflowResult:
         """The current picture of a live or retained transaction."""
-        return await self._get(transaction_id, None)
+        try:
+            return await self._get(transaction_id, None)
+        except TransactionNotFoundError:
+            workflow = self._started.get(transaction_id)
+            if workflow is None:
+                raise
+            # Started here a moment ago; its coordinator has not taken the start yet.
+            return WorkflowResult(
+                workflow=workflow,
+                transaction_id=transaction_id,
+                state=TransactionState.NOT_STARTED,
+            )
 
     async def _get(self, transaction_id: str, result_from: str | None) -> WorkflowResult:
         answer = await self._call(
