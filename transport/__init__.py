@@ -1,8 +1,9 @@
-"""Moving bytes: the transport contract and its in-memory implementation.
+"""Moving bytes: the transport contract and its two implementations, memory and NATS.
 
 ``Transport`` is the contract (core publish/subscribe and request/reply, durable work queues,
-key-value buckets); ``MemoryTransport`` implements it within one process. This package imports
-nothing from ``orchestrator`` or ``actors``.
+key-value buckets); ``MemoryTransport`` implements it within one process, ``NatsTransport`` over
+a nats-server with JetStream. ``NatsServer`` runs a local nats-server (tests, development). This
+package imports nothing from ``orchestrator`` or ``actors``.
 """
 
 from ._contract import Consumer as Consumer
@@ -21,6 +22,8 @@ from ._contract import TransportError as TransportError
 from ._contract import WorkHandler as WorkHandler
 from ._contract import WorkMsg as WorkMsg
 from ._memory import MemoryTransport as MemoryTransport
+from ._nats import NatsTransport as NatsTransport
+from ._nats_server import NatsServer as NatsServer
 
 __all__ = [
     "Consumer",
@@ -30,6 +33,8 @@ __all__ = [
     "KeyValue",
     "MemoryTransport",
     "Msg",
+    "NatsServer",
+    "NatsTransport",
     "NoRespondersError",
     "QueueConfig",
     "RequestTimeoutError",

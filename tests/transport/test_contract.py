@@ -26,6 +26,8 @@ from transport import (
     KeyValue,
     MemoryTransport,
     Msg,
+    NatsServer,
+    NatsTransport,
     NoRespondersError,
     QueueConfig,
     RequestTimeoutError,
@@ -37,8 +39,15 @@ from transport import (
 
 pytestmark = pytest.mark.anyio
 
+
+def _nats(request: pytest.FixtureRequest) -> Transport:
+    server: NatsServer = request.getfixturevalue("nats_server")
+    return NatsTransport(server.url, name=request.node.name)
+
+
 TRANSPORTS: dict[str, Callable[[pytest.FixtureRequest], Transport]] = {
     "memory": lambda request: MemoryTransport(),
+    "nats": _nats,
 }
 """How to make each transport under test (a fresh one per test)."""
 
@@ -446,11 +455,13 @@ async def test_stopped_consumer_leaves_its_work_to_others(transport: Transport, 
 
     staying = Recorder[WorkMsg]()
     await transport.consume(f"Q_{ns}", "workers", f"{ns}.work.>", staying)
-    received = await staying.wait_for(2)
+    # Settle each as it comes: "new" arrives at once, "unfinished" after its ack_wait, which
+    # is just before the ack_wait of "new" runs out too (only a round trip or so later).
+    for i in range(2):
+        await (await staying.wait_for(i + 1))[i].ack()
+    received = staying.items[:2]
     assert sorted(payloads(received)) == [b"new", b"unfinished"]
     assert {m.data: m.num_delivered for m in received} == {b"new": 1, b"unfinished": 2}
-    for msg in received:
-        await msg.ack()
     await staying.assert_quiet()
     assert len(leaving.items) == 1
 
@@ -575,3 +586,19 @@ async def test_kv_ttl_expires_keys_not_written_for_ttl(transport: Transport, ns:
     assert await kv.keys() == ["forever"]
     assert await by_bucket.keys() == []
     await kv.create("short", b"again")  # an expired key may be created again
+
+
+async def test_kv_put_keeps_the_key_ttl(transport: Transport, ns: str) -> None:
+    kv = await transport.open_kv(f"kv_{ns}")
+    other = await transport.open_kv(f"kv_{ns}")  # a second handle on the same bucket
+    started = time.monotonic()
+    await kv.create("by-same", b"x", ttl=1.0)
+    await kv.create("by-other", b"x", ttl=1.0)
+    await kv.put("by-same", b"y")
+    await other.put("by-other", b"y")
+    with anyio.fail_after(5):
+        await expired(kv, "by-same")
+        await expired(kv, "by-other")
+    assert time.monotonic() - started >= 0.9
+    await kv.put("by-same", b"z")  # an expired key may be written again
+    assert await kv.get("by-same") is not None

@@ -15,6 +15,8 @@ PUBLIC = [
     "KeyValue",
     "MemoryTransport",
     "Msg",
+    "NatsServer",
+    "NatsTransport",
     "NoRespondersError",
     "QueueConfig",
     "RequestTimeoutError",
