@@ -22,6 +22,7 @@ from orchestrator._transaction import (
     Cancel,
     CancelChild,
     ChildFinished,
+    ChildSuspended,
     Command,
     Emit,
     Event,
@@ -188,7 +189,11 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
             graph = self.graph
             assert graph is not None
             finished = state.status in _FINAL
-            if not finished and (initial is None or state.version != initial.version):
+            # Persist first, then let anything out: whoever hears an event finds the state that
+            # produced it (a finished transaction is persisted by moving it to the retained set).
+            if any(isinstance(c, Finished) for c in commands):
+                await host.retire(state)
+            elif not finished and (initial is None or state.version != initial.version):
                 await host.store.save(state)
             await host.execute(state, commands)
             if answer_parent:
@@ -202,6 +207,8 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
             )
             if settled and not was_settled:
                 host.notify("suspend", state)
+                if state.parent is not None:
+                    await host.notify_parent_suspended(state)
                 if interest:
                     await host.publish_event(
                         LifecycleEvent(
@@ -404,8 +411,6 @@ class CoordinatorHost:
                     event = msgspec.structs.replace(event, result=decode(state.result))
                 await self.publish_event(event)
             elif isinstance(cmd, Finished):
-                retention = self.graphs[wf].retention
-                await self.store.finish(state, self.retention if retention is None else retention)
                 self.notify("finish", state)
                 if state.parent is not None:
                     action = "compensate" if state.parent_comp_attempt else "invoke"
@@ -460,6 +465,24 @@ class CoordinatorHost:
                     _json(decode(cmd.payload)),
                     headers={"Content-Type": "application/json", "Orch-Transaction": tx},
                 )
+
+    async def retire(self, state: TxState) -> None:
+        """Move a finished transaction to the retained set, for its workflow's retention."""
+        retention = self.graphs[state.workflow].retention
+        await self.store.finish(state, self.retention if retention is None else retention)
+
+    async def notify_parent_suspended(self, state: TxState) -> None:
+        """Tell the parent step that this nested transaction only waits now."""
+        parent = state.parent
+        assert parent is not None
+        event = ChildSuspended(now=self.clock(), step=parent.step, attempt=parent.attempt)
+        await self.transport.enqueue(
+            self.subjects.tx(parent.transaction_id),
+            encode_message(
+                TxEvent(workflow=parent.workflow, transaction_id=parent.transaction_id, event=event)
+            ),
+            msg_id=f"{parent.transaction_id}:suspended:{parent.step}:{parent.attempt}:{state.version}",
+        )
 
     async def notify_parent(self, state: TxState, *, action: str) -> None:
         """Tell the parent step of a nested transaction how it ended."""

@@ -8,6 +8,7 @@ from orchestrator._transaction import (
     Begin,
     Cancel,
     ChildFinished,
+    ChildSuspended,
     Complete,
     ParentLink,
     RetryStep,
@@ -29,7 +30,15 @@ __all__ = [
 ]
 
 TxEventBody = (
-    Begin | StepDone | StepFailed | Complete | TimerFired | Cancel | ChildFinished | RetryStep
+    Begin
+    | StepDone
+    | StepFailed
+    | Complete
+    | TimerFired
+    | Cancel
+    | ChildFinished
+    | ChildSuspended
+    | RetryStep
 )
 
 

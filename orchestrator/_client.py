@@ -156,6 +156,7 @@ class Client(EngineAPI):
                     result, settled = await self._get_state(tx)
                 except TransactionNotFoundError:
                     if finish is not None:  # finished and not retained (retention 0)
+                        self._started.pop(tx, None)
                         return _from_event(finish)
                     if tx not in self._started:
                         raise

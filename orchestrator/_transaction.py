@@ -25,6 +25,7 @@ __all__ = [
     "Cancel",
     "CancelChild",
     "ChildFinished",
+    "ChildSuspended",
     "Command",
     "Complete",
     "Emit",
@@ -214,6 +215,13 @@ class Cancel(Event, frozen=True, kw_only=True, tag="cancel"):
     parent_attempt: int = 0
     abort: bool = False
     """Cancel the handlers in flight instead of letting them finish (a parent timed out)."""
+
+
+class ChildSuspended(Event, frozen=True, kw_only=True, tag="child_suspended"):
+    """A nested transaction now only waits for external completions."""
+
+    step: str
+    attempt: int
 
 
 class ChildFinished(Event, frozen=True, kw_only=True, tag="child_finished"):
@@ -502,6 +510,13 @@ class _Machine(Resolver):
             self.on_timer(event)
         elif isinstance(event, ChildFinished):
             self.on_child(event)
+        elif isinstance(event, ChildSuspended):
+            node = self.graph.index.get(event.step)
+            record = self.current(event.step, INVOKE, event.attempt)
+            subflow = node is not None and node.kind == "subflow"
+            if subflow and record is not None and not record.awaiting:
+                self.changed = True
+                self.rec(event.step).awaiting = True
         elif isinstance(event, Cancel):
             self.on_cancel(event)
         elif isinstance(event, RetryStep):
@@ -1097,20 +1112,31 @@ class _Machine(Resolver):
 
 # ------------------------------------------------------------------------------------ views
 def is_settled(graph: Graph, state: TxState) -> bool:
-    """True when the transaction only waits on async steps (``run`` may return ``invoking``)."""
+    """True when only async work remains (``run`` may return with state ``invoking``).
+
+    Every step in flight is an async step (its handler runs in the background, or returned and
+    awaits ``set_step_success`` / ``set_step_failure``), or a nested transaction that said it is
+    in the same situation; the same holds for compensations.
+    """
     if state.status in _FINAL or state.status == T_NOT_STARTED:
         return False
     active = False
     for node in graph.nodes:
         record = state.steps[node.name]
         if record.state == INVOKING:
-            active = True
-            if node.name not in graph.async_nodes:
+            if node.kind == "subflow":
+                if not record.awaiting:
+                    return False
+            elif not node.config.async_:
                 return False
+            active = True
         elif record.comp == COMPENSATING:
-            active = True
-            if not (node.config.compensate_async or node.name in graph.async_nodes):
+            if node.kind == "subflow":
+                if not record.awaiting:
+                    return False
+            elif not node.config.compensate_async:
                 return False
+            active = True
         elif record.comp == PENDING:
             return False
     return active
