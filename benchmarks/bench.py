@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py                 # all cases, one JSON line each
     python benchmarks/bench.py --cases a,c     # some of them
+    python benchmarks/bench.py --mode nats     # services in their own processes, over NATS
 
 Same shapes, counts, warm-up and percentile rule as Medusa's ``bench.mjs``:
 (a) linear 3-step workflow, N=2000, one at a time; (b) the same, 50 in flight; (c) a 10-way
@@ -177,11 +178,90 @@ async def bench_local(cases: list[dict[str, Any]]) -> None:
             sys.stdout.flush()
 
 
+NATS_CONFIGS = {
+    "default": None,
+    "always": "jetstream {\n  sync_interval: always\n}\n",
+}
+
+
+async def serve(role: str, url: str, prefix: str) -> None:
+    """Run a coordinator or a worker for the NATS benchmark until terminated."""
+    import structlog
+
+    from orchestrator.services import Coordinator, Worker
+    from transport import NatsTransport
+
+    # stdout carries only "ready" to the parent; logs go to stderr.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    async with NatsTransport(url, name=f"bench-{role}") as transport:
+        service: Any
+        if role == "coordinator":
+            service = Coordinator(WORKFLOWS, transport=transport, prefix=prefix)
+        else:
+            service = Worker(WORKFLOWS, transport=transport, prefix=prefix)
+        async with service:
+            print("ready", flush=True)
+            await anyio.sleep_forever()
+
+
+async def bench_nats(cases: list[dict[str, Any]], sync: str, concurrency: list[int]) -> None:
+    """Cases (a)-(d) through a client, with a coordinator and a worker in their own processes
+    on a local nats-server with file storage."""
+    from anyio.abc import Process
+    from anyio.streams.text import TextReceiveStream
+
+    from orchestrator import connect
+    from transport import NatsServer
+
+    with NatsServer(config=NATS_CONFIGS[sync]) as server:
+        prefix = "bench"
+        procs: list[Process] = []
+        try:
+            for role in ("coordinator", "worker"):
+                command = [sys.executable, __file__, "--serve", role, "--url", server.url]
+                proc = await anyio.open_process([*command, "--prefix", prefix])
+                procs.append(proc)
+                assert proc.stdout is not None
+                with anyio.fail_after(30):  # it says "ready" once it consumes
+                    async for text in TextReceiveStream(proc.stdout):
+                        if "ready" in text:
+                            break
+            async with connect(server.url, prefix=prefix) as client:
+                for case in cases:
+                    for c in concurrency:
+                        wf = case["wf"]
+
+                        async def run(i: int, wf: Any = wf) -> Any:
+                            return await client.run(wf, {"i": i}, throw_on_error=False)
+
+                        n = min(case["n"], 1000 if c > 1 else 500)
+                        await measure(run, min(100, n), c, case["check"])
+                        m = await measure(run, n, c, case["check"])
+                        line = {"mode": "nats", "sync": sync, "case": case["id"]}
+                        print(json.dumps({**line, "label": case["label"], **m}), flush=True)
+        finally:
+            for proc in procs:
+                proc.terminate()
+            with anyio.fail_after(10):
+                for proc in procs:
+                    await proc.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", default="local", choices=["local"])
+    parser.add_argument("--mode", default="local", choices=["local", "nats"])
     parser.add_argument("--cases", default="a,b,c,d", help="comma-separated case ids")
+    parser.add_argument(
+        "--sync", default="both", choices=["default", "always", "both"], help="nats mode"
+    )
+    parser.add_argument("--concurrency", default="1,64", help="nats mode: runs in flight")
+    parser.add_argument("--serve", choices=["coordinator", "worker"], help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--prefix", default="bench", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve:
+        anyio.run(serve, args.serve, args.url, args.prefix)
+        return
     wanted = set(args.cases.split(","))
     cases = [c for c in CASES if c["id"] in wanted]
     load = "/".join(f"{x:.2f}" for x in os.getloadavg())
@@ -189,7 +269,15 @@ def main() -> None:
         f"# python {platform.python_version()} | {platform.system().lower()}/{platform.machine()}"
         f" | {os.cpu_count()} cpu | loadavg(1/5/15m) {load}"
     )
-    anyio.run(bench_local, cases)
+    if args.mode == "local":
+        anyio.run(bench_local, cases)
+        return
+    if "b" in wanted:  # (b) is (a) at 50 in flight: the nats mode varies concurrency itself
+        cases = [c for c in cases if c["id"] != "b"]
+    syncs = ["default", "always"] if args.sync == "both" else [args.sync]
+    levels = [int(x) for x in args.concurrency.split(",")]
+    for sync in syncs:
+        anyio.run(bench_nats, cases, sync, levels)
 
 
 if __name__ == "__main__":
