@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from functools import partial
 from typing import Any
 
+import anyio
 import msgspec
 import structlog
 
@@ -380,6 +382,7 @@ class CoordinatorHost:
         # Handlers get a cancel scope only when something may abort them: a workflow timeout,
         # or a parent whose own timeout cancels this nested transaction.
         abortable = graph.timeout is not None or state.parent is not None
+        sends: list[tuple[str, bytes, str]] = []
         for cmd in commands:
             if isinstance(cmd, Invoke):
                 data = encode_message(
@@ -400,11 +403,7 @@ class CoordinatorHost:
                 subject = step_subjects.get(cmd.step)
                 if subject is None:
                     subject = step_subjects[cmd.step] = subjects.step(cmd.step)
-                await transport.enqueue(
-                    subject,
-                    data,
-                    msg_id=f"{tx}:{cmd.step}:{cmd.action}:{cmd.attempt}",
-                )
+                sends.append((subject, data, f"{tx}:{cmd.step}:{cmd.action}:{cmd.attempt}"))
             elif isinstance(cmd, Emit):
                 event = cmd.event
                 if event.type == "finish" and state.result is not None:
@@ -465,6 +464,13 @@ class CoordinatorHost:
                     _json(decode(cmd.payload)),
                     headers={"Content-Type": "application/json", "Orch-Transaction": tx},
                 )
+        if len(sends) == 1 or not transport.waits_for_io:
+            for subject, data, msg_id in sends:
+                await transport.enqueue(subject, data, msg_id=msg_id)
+        elif sends:  # a parallel group: send the commands side by side, not one round trip each
+            async with anyio.create_task_group() as tg:
+                for subject, data, msg_id in sends:
+                    tg.start_soon(partial(transport.enqueue, subject, data, msg_id=msg_id))
 
     async def retire(self, state: TxState) -> None:
         """Move a finished transaction to the retained set, for its workflow's retention."""

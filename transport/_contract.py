@@ -285,6 +285,10 @@ class Transport(ABC):
     ) -> None:
         """Close: stop all subscriptions and consumers and release the connection."""
 
+    waits_for_io: bool = True
+    """Whether sending waits on the network: then sending several messages side by side (in
+    tasks) saves round trips; an in-process transport says False (tasks would only cost)."""
+
     def has_interest(self, subject: str) -> bool:
         """Whether a message published on ``subject`` may reach someone.
 

@@ -192,6 +192,8 @@ class MemoryTransport(Transport):
                     logger.exception("subscriber %r failed on %r", handlers[i], subject)
         await self._scheduler.tick()
 
+    waits_for_io = False
+
     def has_interest(self, subject: str) -> bool:
         route = self._routes.get(subject)
         if route is not None:
