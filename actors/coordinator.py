@@ -40,6 +40,7 @@ from orchestrator._transaction import (
     apply_all,
     is_settled,
     new_state,
+    to_result,
 )
 from orchestrator._types import LifecycleEvent, StepError
 from transport import Transport, WorkMsg
@@ -219,6 +220,7 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
                             transaction_id=state.transaction_id,
                             timestamp=now,
                             state=state.status,
+                            summary=to_result(state, graph),
                         )
                     )
             self.settled = settled
@@ -406,8 +408,9 @@ class CoordinatorHost:
                 sends.append((subject, data, f"{tx}:{cmd.step}:{cmd.action}:{cmd.attempt}"))
             elif isinstance(cmd, Emit):
                 event = cmd.event
-                if event.type == "finish" and state.result is not None:
-                    event = msgspec.structs.replace(event, result=decode(state.result))
+                if event.type == "finish":  # subscribers need not ask for the outcome
+                    summary = to_result(state, graph)
+                    event = msgspec.structs.replace(event, result=summary.result, summary=summary)
                 await self.publish_event(event)
             elif isinstance(cmd, Finished):
                 self.notify("finish", state)

@@ -25,7 +25,6 @@ from ._types import LifecycleEvent, TransactionState, WorkflowResult
 __all__ = ["Client", "ClientHandle", "connect"]
 
 _event_decoder = msgspec.json.Decoder(LifecycleEvent)
-_WAKE = frozenset(("finish", "suspend", "error"))
 
 
 class ClientHandle:
@@ -149,27 +148,24 @@ class Client(EngineAPI):
     async def _until(
         self, tx: str, box: Mailbox[LifecycleEvent], timeout: float | None, *, settle: bool
     ) -> WorkflowResult:
-        finish: LifecycleEvent | None = None
         with anyio.fail_after(timeout):
-            while True:
-                try:
-                    result, settled = await self._get_state(tx)
-                except TransactionNotFoundError:
-                    if finish is not None:  # finished and not retained (retention 0)
-                        self._started.pop(tx, None)
-                        return _from_event(finish)
-                    if tx not in self._started:
-                        raise
-                    result, settled = None, False  # started here, not begun yet
-                if result is not None and (result.state.finished or (settle and settled)):
-                    self._started.pop(tx, None)
-                    return result
+            try:
+                result, settled = await self._get_state(tx)
+            except TransactionNotFoundError:
+                if tx not in self._started:
+                    raise
+                result, settled = None, False  # started here, not begun yet
+            if result is not None and (result.state.finished or (settle and settled)):
+                self._started.pop(tx, None)
+                return result
+            while True:  # the outcome comes with the finish (or suspend) event
                 event = await box.get()
-                while event.type not in _WAKE:
-                    event = await box.get()
-                if event.type == "finish":
-                    finish = event
-                elif event.type == "error" and event.error is not None:
+                if event.type == "finish" or (settle and event.type == "suspend"):
+                    self._started.pop(tx, None)
+                    if event.summary is not None:
+                        return event.summary
+                    return _from_event(event)
+                if event.type == "error" and event.error is not None:
                     self._started.pop(tx, None)
                     if "unknown workflow" in event.error.message:
                         raise UnknownWorkflowError(event.error.message)

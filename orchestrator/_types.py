@@ -110,3 +110,5 @@ class LifecycleEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     state: str | None = None
     error: StepError | None = None
     result: Any = None
+    summary: WorkflowResult | None = None
+    """On ``finish`` and ``suspend``: the transaction's whole picture (steps, errors, result)."""

@@ -215,6 +215,7 @@ async def test_run_returns_invoking_while_background_async_step_runs(make_engine
 
 async def test_compensate_async_completed_by_set_step_success(make_engine, kit) -> None:
     keys: list[str] = []
+    got_key = anyio.Event()
 
     @create_step("refund", compensate_async=True)
     async def charge(data: Any) -> str:
@@ -225,6 +226,7 @@ async def test_compensate_async_completed_by_set_step_success(make_engine, kit) 
     async def refund(data: Any, ctx: StepContext) -> None:
         kit.log.append(f"c:charge:{data}")
         keys.append(ctx.idempotency_key)
+        got_key.set()
 
     boom = kit.step("boom", fail=True)
 
@@ -237,6 +239,7 @@ async def test_compensate_async_completed_by_set_step_success(make_engine, kit) 
             paused = await engine.run(wf, transaction_id="ca-1")
             assert paused.state is TransactionState.COMPENSATING
             assert paused.step_table["refund"].state is StepState.COMPENSATING
+            await got_key.wait()  # the async compensation runs in the background
             assert keys == ["comp-async:ca-1:refund:compensate"]
             final = await engine.set_step_success(keys[0])
 
