@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import re
 
+import anyio
 import msgspec
 
 from orchestrator._transaction import TxState
-from transport import KeyExistsError, KeyValue, RevisionMismatchError, Transport
+from transport import Entry, KeyExistsError, KeyValue, RevisionMismatchError, Transport
 
 from ._store import Store
 
@@ -63,13 +64,26 @@ class KvStore(Store):
 
     async def load(self, transaction_id: str) -> TxState | None:
         key = kv_key(transaction_id)
-        entry = await self.live.get(key)
-        if entry is not None:
-            self._revisions[transaction_id] = entry.revision
-            return _decoder.decode(entry.value)
-        self._revisions.pop(transaction_id, None)
-        entry = await self.done.get(key)
-        return None if entry is None else _decoder.decode(entry.value)
+        if self.transport.waits_for_io:  # one round trip for both buckets, not two
+            entries: list[Entry | None] = [None, None]
+
+            async def fetch(i: int, bucket: KeyValue) -> None:
+                entries[i] = await bucket.get(key)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fetch, 0, self.done)
+                tg.start_soon(fetch, 1, self.live)
+            done, live = entries
+        else:
+            done, live = await self.done.get(key), await self.live.get(key)
+        if live is not None:
+            self._revisions[transaction_id] = live.revision
+        else:
+            self._revisions.pop(transaction_id, None)
+        states = [_decoder.decode(e.value) for e in (done, live) if e is not None]
+        # The newer wins: a finished copy over a checkpoint a finish cut short left behind, a
+        # checkpoint of a finished transaction being compensated (a cancel) over its old copy.
+        return max(states, key=lambda state: state.version, default=None)
 
     async def save(self, state: TxState) -> None:
         tx = state.transaction_id

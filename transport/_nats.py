@@ -252,6 +252,14 @@ class NatsTransport(Transport):
             task_group.cancel_scope.cancel()
             await task_group.__aexit__(None, None, None)
 
+    @property
+    def nats_client(self) -> Client:
+        """The connected nats-py client, for what the contract leaves out (service discovery).
+
+        Raises ``TransportError`` outside ``async with transport:``.
+        """
+        return self._client()
+
     # --- core messaging ---------------------------------------------------------------------
 
     async def publish(

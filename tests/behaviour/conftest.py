@@ -49,6 +49,13 @@ def engine_mode(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def workflow_timeout(engine_mode: str) -> float:
+    """A workflow ``timeout`` that the steps before the one meant to time out always meet: over
+    NATS a step takes milliseconds (and more on a loaded machine), in memory microseconds."""
+    return 1.0 if engine_mode == "nats" else 0.2
+
+
+@pytest.fixture
 def make_engine(
     engine_mode: str, request: pytest.FixtureRequest
 ) -> Callable[..., contextlib.AbstractAsyncContextManager[Any]]:

@@ -328,7 +328,9 @@ async def test_step_timeout_cancels_handler_and_compensates(make_engine, kit, co
     assert final.errors[0].step == "hangs"
 
 
-async def test_workflow_timeout_aborts_running_step_and_compensates(make_engine, kit) -> None:
+async def test_workflow_timeout_aborts_running_step_and_compensates(
+    make_engine, workflow_timeout, kit
+) -> None:
     first = kit.step("first")
 
     @create_step("endless")
@@ -345,7 +347,7 @@ async def test_workflow_timeout_aborts_running_step_and_compensates(make_engine,
 
     never = kit.step("never")
 
-    @create_workflow("wf-timeout", timeout=0.2)
+    @create_workflow("wf-timeout", timeout=workflow_timeout)
     def wf(input: WorkflowData) -> Any:
         return never(endless(first(input)))
 

@@ -88,11 +88,13 @@ async def test_names_with_colons_in_idempotency_keys(make_engine, kit) -> None:
     assert final.result == "ok"
 
 
-async def test_event_kinds_skipped_awaiting_and_timeout(make_engine, kit, collect) -> None:
+async def test_event_kinds_skipped_awaiting_and_timeout(
+    make_engine, workflow_timeout, kit, collect
+) -> None:
     never = kit.step("never")
     waits = kit.step("waits", output=None, async_=True)
 
-    @create_workflow("event-kinds", timeout=0.2)
+    @create_workflow("event-kinds", timeout=workflow_timeout)
     def wf(input: WorkflowData) -> Any:
         n = when(input, lambda i: False).then(lambda: never(input))
         return waits(n)

@@ -438,11 +438,13 @@ async def test_cancel_twice_compensates_once(make_engine, kit) -> None:
     assert kit.log == ["s1", "c:s1"]
 
 
-async def test_workflow_timeout_while_step_waits_to_retry(make_engine, kit) -> None:
+async def test_workflow_timeout_while_step_waits_to_retry(
+    make_engine, workflow_timeout, kit
+) -> None:
     first = kit.step("first")
     flaky = kit.step("flaky", fail=True, max_retries=3, retry_interval=30)
 
-    @create_workflow("timeout-retrying", timeout=0.2)
+    @create_workflow("timeout-retrying", timeout=workflow_timeout)
     def wf(input: WorkflowData) -> Any:
         return flaky(first(input))
 

@@ -80,7 +80,9 @@ async def test_nested_step_retried_runs_a_fresh_child(make_engine, kit) -> None:
     assert result.step_table["child-retried-as-step"].attempts == 2
 
 
-async def test_workflow_timeout_with_a_running_nested_child(make_engine, kit) -> None:
+async def test_workflow_timeout_with_a_running_nested_child(
+    make_engine, workflow_timeout, kit
+) -> None:
     p1 = kit.step("p1")
 
     @create_step("child-hangs")
@@ -95,7 +97,7 @@ async def test_workflow_timeout_with_a_running_nested_child(make_engine, kit) ->
     def child(input: WorkflowData) -> Any:
         return child_hangs(input)
 
-    @create_workflow("parent-times-out", timeout=0.2)
+    @create_workflow("parent-times-out", timeout=workflow_timeout)
     def parent(input: WorkflowData) -> Any:
         return child.run_as_step(input=p1(input))
 
