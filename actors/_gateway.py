@@ -228,7 +228,7 @@ class Gateway:
             return ApiReply(ok=True, transaction_id=start.transaction_id)
         if verb == "get":
             get = decode_request(msg.data, GetRequest, encoding)
-            state = await self.store.load(get.transaction_id)
+            state = await self.store.read(get.transaction_id)
             if state is None:
                 return _not_found(get.transaction_id)
             result = self.result(state)
@@ -277,7 +277,7 @@ class Gateway:
         if verb == "cancel":
             if not request.transaction_id:
                 raise ProtocolError("cancel needs a transaction_id")
-            state = await self.store.load(request.transaction_id)
+            state = await self.store.read(request.transaction_id)
             if state is None:
                 return _not_found(request.transaction_id)
             body = Cancel(now=now)
@@ -329,7 +329,7 @@ class Gateway:
 
     async def find_key(self, key: str) -> tuple[TxState, str, str] | None:
         for workflow, tx, step, action in parse_key(self.graphs, key):
-            state = await self.store.load(tx)
+            state = await self.store.read(tx)
             if state is not None and state.workflow == workflow:
                 return state, step, action
         return None

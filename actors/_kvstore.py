@@ -35,6 +35,13 @@ def kv_key(transaction_id: str) -> str:
     return _UNSAFE.sub(lambda m: "".join(f"={b:02X}" for b in m.group().encode()), transaction_id)
 
 
+def _newest(done: Entry | None, live: Entry | None) -> TxState | None:
+    # The newer wins: a finished copy over a checkpoint a finish cut short left behind, a
+    # checkpoint of a finished transaction being compensated (a cancel) over its old copy.
+    states = [_decoder.decode(e.value) for e in (done, live) if e is not None]
+    return max(states, key=lambda state: state.version, default=None)
+
+
 class KvStore(Store):
     """Checkpoints in key-value buckets; call :meth:`open` once before use."""
 
@@ -63,27 +70,29 @@ class KvStore(Store):
         return self._done
 
     async def load(self, transaction_id: str) -> TxState | None:
-        key = kv_key(transaction_id)
-        if self.transport.waits_for_io:  # one round trip for both buckets, not two
-            entries: list[Entry | None] = [None, None]
-
-            async def fetch(i: int, bucket: KeyValue) -> None:
-                entries[i] = await bucket.get(key)
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(fetch, 0, self.done)
-                tg.start_soon(fetch, 1, self.live)
-            done, live = entries
-        else:
-            done, live = await self.done.get(key), await self.live.get(key)
+        done, live = await self._fetch(kv_key(transaction_id))
         if live is not None:
             self._revisions[transaction_id] = live.revision
         else:
             self._revisions.pop(transaction_id, None)
-        states = [_decoder.decode(e.value) for e in (done, live) if e is not None]
-        # The newer wins: a finished copy over a checkpoint a finish cut short left behind, a
-        # checkpoint of a finished transaction being compensated (a cancel) over its old copy.
-        return max(states, key=lambda state: state.version, default=None)
+        return _newest(done, live)
+
+    async def read(self, transaction_id: str) -> TxState | None:
+        return _newest(*await self._fetch(kv_key(transaction_id)))
+
+    async def _fetch(self, key: str) -> tuple[Entry | None, Entry | None]:
+        """The key's entries in the retained and the live bucket."""
+        if not self.transport.waits_for_io:
+            return await self.done.get(key), await self.live.get(key)
+        entries: list[Entry | None] = [None, None]  # one round trip for both buckets, not two
+
+        async def fetch(i: int, bucket: KeyValue) -> None:
+            entries[i] = await bucket.get(key)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(fetch, 0, self.done)
+            tg.start_soon(fetch, 1, self.live)
+        return entries[0], entries[1]
 
     async def save(self, state: TxState) -> None:
         tx = state.transaction_id

@@ -19,7 +19,13 @@ class Store(ABC):
 
     @abstractmethod
     async def load(self, transaction_id: str) -> TxState | None:
-        """The live or retained state of a transaction, or ``None``."""
+        """The live or retained state of a transaction, or ``None``, for its coordinator, which
+        writes it next (a store may remember the revision it read, to compare-and-set)."""
+
+    async def read(self, transaction_id: str) -> TxState | None:
+        """The live or retained state of a transaction, for anyone but its coordinator (a read
+        that must not disturb the coordinator's compare-and-set)."""
+        return await self.load(transaction_id)
 
     @abstractmethod
     async def save(self, state: TxState) -> None:

@@ -244,7 +244,7 @@ class LocalEngine(EngineAPI):
         """Start a workflow and return its handle at once."""
         wf = self._workflow(workflow)
         tx = transaction_id or new_transaction_id(wf.name)
-        existing = await self.store.load(tx)
+        existing = await self.store.read(tx)
         if existing is None:
             self._send_start(wf, tx, input, context)
         elif existing.workflow != wf.name:
@@ -277,7 +277,7 @@ class LocalEngine(EngineAPI):
         settle: bool,
     ) -> TxState:
         host = self._host
-        state = await self.store.load(tx)
+        state = await self.store.read(tx)
         if state is not None:
             if state.workflow != wf.name:
                 raise ConfigurationError(
@@ -312,7 +312,7 @@ class LocalEngine(EngineAPI):
         try:
             with anyio.fail_after(timeout):
                 while True:
-                    state = await self.store.load(tx)
+                    state = await self.store.read(tx)
                     if state is None:
                         if tx not in host.actors:
                             raise TransactionNotFoundError(f"transaction {tx!r} not found")
@@ -347,7 +347,7 @@ class LocalEngine(EngineAPI):
 
     async def get(self, transaction_id: str) -> WorkflowResult:
         """The current picture of a live or retained transaction."""
-        state = await self.store.load(transaction_id)
+        state = await self.store.read(transaction_id)
         if state is None:
             actor = self._host.actors.get(transaction_id)
             if actor is None:
