@@ -149,9 +149,11 @@ class _NatsSubscription(Subscription):
     async def unsubscribe(self) -> None:
         sub, self._sub = self._sub, None
         if sub is not None:
-            # A closed connection has no subscriptions left to remove.
+            # A closed (or closing) connection has no subscriptions left to remove.
             with contextlib.suppress(
-                nats.errors.ConnectionClosedError, nats.errors.BadSubscriptionError
+                nats.errors.ConnectionClosedError,
+                nats.errors.ConnectionDrainingError,
+                nats.errors.BadSubscriptionError,
             ):
                 await sub.unsubscribe()
 
