@@ -77,7 +77,13 @@ class StepExecutor:
         if not isinstance(cmd, StepCommand):
             await work.term()
             return
-        event = await self.invoke(cmd)
+        try:
+            event = await self.invoke(cmd)
+        except anyio.get_cancelled_exc_class():
+            # The worker is stopping: hand the command back at once rather than after ack_wait.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                await work.nak()
+            raise
         host = self.host
         await host.transport.enqueue(
             cmd.reply_subject,
