@@ -15,7 +15,7 @@ from orchestrator._errors import PermanentFailure, StepOutputError, StepTimeoutE
 from orchestrator._step import SkipStep, Step, StepContext, StepResponse, _HandlerSpec
 from orchestrator._transaction import StepDone, StepFailed, error_from_exception
 from orchestrator._types import StepError
-from transport import Msg, Transport, WorkMsg
+from transport import Consumer, Msg, Transport, WorkMsg
 
 from ._subjects import Subjects
 from ._system import ActorSystem
@@ -295,6 +295,7 @@ class ExecutorHost:
         self.container = container
         self.clock = clock
         self.executors: dict[str, StepExecutor] = {}
+        self.consumers: list[Consumer] = []
         limits = limits or {}
         for name, by_workflow in steps.items():
             limit = limits.get(name) or concurrency
@@ -304,14 +305,23 @@ class ExecutorHost:
         """Start consuming the step subjects, and listen for aborts."""
         for name, executor in self.executors.items():
             subject = self.subjects.step(name)
-            await self.transport.consume(
-                self.subjects.work_queue,
-                f"step-{subject.rsplit('.', 1)[1]}",
-                subject,
-                executor.deliver,
-                max_in_flight=executor.concurrency or DEFAULT_IN_FLIGHT,
+            self.consumers.append(
+                await self.transport.consume(
+                    self.subjects.work_queue,
+                    f"step-{subject.rsplit('.', 1)[1]}",
+                    subject,
+                    executor.deliver,
+                    max_in_flight=executor.concurrency or DEFAULT_IN_FLIGHT,
+                )
             )
         await self.transport.subscribe(f"{self.subjects.prefix}.ctl.*", self._on_control)
+
+    async def stop(self) -> None:
+        """Take no more commands (before the running ones are cancelled and handed back, so they
+        go to other workers rather than back to this one)."""
+        consumers, self.consumers = self.consumers, []
+        for consumer in consumers:
+            await consumer.stop()
 
     def _on_control(self, msg: Msg) -> None:
         try:

@@ -26,7 +26,7 @@ from ._errors import (
 )
 from ._types import LifecycleEvent, WorkflowResult
 
-__all__ = ["EngineAPI", "raise_for"]
+__all__ = ["EngineAPI", "TransactionHandle", "raise_for"]
 
 _event_decoder = msgspec.json.Decoder(LifecycleEvent)
 _reply_decoder = msgspec.msgpack.Decoder(ApiReply)
@@ -60,6 +60,9 @@ class EngineAPI:
     request_timeout: float = 30.0
 
     async def wait(self, transaction_id: str, *, timeout: float | None = None) -> WorkflowResult:
+        raise NotImplementedError
+
+    async def get(self, transaction_id: str) -> WorkflowResult:
         raise NotImplementedError
 
     async def _settled(self, transaction_id: str, timeout: float | None) -> WorkflowResult:
@@ -160,3 +163,23 @@ class EngineAPI:
 def _check_key(key: Any) -> None:
     if not isinstance(key, str):
         raise ConfigurationError(f"an idempotency key is a string, got {key!r}")
+
+
+class TransactionHandle:
+    """A started transaction: ``await handle.wait()`` for its final result."""
+
+    def __init__(self, engine: EngineAPI, workflow: str, transaction_id: str) -> None:
+        self.engine = engine
+        self.workflow = workflow
+        self.transaction_id = transaction_id
+
+    async def wait(self, timeout: float | None = None) -> WorkflowResult:
+        """Wait until the transaction is finished."""
+        return await self.engine.wait(self.transaction_id, timeout=timeout)
+
+    async def get(self) -> WorkflowResult:
+        """Its current picture."""
+        return await self.engine.get(self.transaction_id)
+
+    def __repr__(self) -> str:
+        return f"<TransactionHandle {self.workflow}:{self.transaction_id}>"

@@ -31,7 +31,7 @@ from actors import Subjects
 
 from ._composer import Workflow
 from ._errors import ConfigurationError
-from ._local import collect_workflows
+from .services import collect_workflows
 
 __all__ = [
     "DEFAULT_SERVERS",

@@ -13,7 +13,7 @@ from actors import Mailbox, Subjects, new_transaction_id
 from actors.protocol import GetRequest, ListRequest, StartRequest
 from transport import Msg, Transport
 
-from ._api import EngineAPI
+from ._api import EngineAPI, TransactionHandle
 from ._errors import (
     ConfigurationError,
     TransactionNotFoundError,
@@ -22,27 +22,9 @@ from ._errors import (
 )
 from ._types import LifecycleEvent, TransactionState, WorkflowResult
 
-__all__ = ["Client", "ClientHandle", "connect"]
+__all__ = ["Client", "connect"]
 
 _event_decoder = msgspec.json.Decoder(LifecycleEvent)
-
-
-class ClientHandle:
-    """A transaction started through a client: ``await handle.wait()``."""
-
-    def __init__(self, client: Client, workflow: str, transaction_id: str) -> None:
-        self.client = client
-        self.workflow = workflow
-        self.transaction_id = transaction_id
-
-    async def wait(self, timeout: float | None = None) -> WorkflowResult:
-        return await self.client.wait(self.transaction_id, timeout=timeout)
-
-    async def get(self) -> WorkflowResult:
-        return await self.client.get(self.transaction_id)
-
-    def __repr__(self) -> str:
-        return f"<ClientHandle {self.workflow}:{self.transaction_id}>"
 
 
 class Client(EngineAPI):
@@ -109,12 +91,12 @@ class Client(EngineAPI):
         *,
         transaction_id: str | None = None,
         context: Mapping[str, Any] | None = None,
-    ) -> ClientHandle:
+    ) -> TransactionHandle:
         """Start a workflow; returns a handle at once."""
         name = self._workflow_name(workflow)
         tx = transaction_id or new_transaction_id(name)
         await self._send_start(name, tx, input, context)
-        return ClientHandle(self, name, tx)
+        return TransactionHandle(self, name, tx)
 
     async def _send_start(
         self, workflow: str, tx: str, input: Any, context: Mapping[str, Any] | None

@@ -13,8 +13,6 @@ import msgspec
 from actors import (
     ActorSystem,
     CoordinatorHost,
-    ExecutorHost,
-    Gateway,
     MemoryStore,
     Signal,
     StartWorkflow,
@@ -24,7 +22,7 @@ from actors import (
 )
 from transport import MemoryTransport, Transport
 
-from ._api import EngineAPI
+from ._api import EngineAPI, TransactionHandle
 from ._codec import decode, encode_value
 from ._composer import Workflow
 from ._errors import (
@@ -34,17 +32,17 @@ from ._errors import (
     WorkflowFailedError,
 )
 from ._graph import Graph
-from ._step import Step, as_container
+from ._step import as_container
 from ._transaction import (
     TxState,
     is_settled,
     to_result,
 )
 from ._types import LifecycleEvent, TransactionState, WorkflowResult
+from .services import DEFAULT_RETENTION, Coordinator, Worker, collect_workflows
 
 __all__ = ["LocalEngine", "TransactionHandle"]
 
-DEFAULT_RETENTION = 86400.0
 _EMPTY_CONTEXT = encode_value({}, "context")
 
 
@@ -57,61 +55,6 @@ async def _wait(event: Signal, timeout: float | None) -> None:
 
 
 _event_decoder = msgspec.msgpack.Decoder(LifecycleEvent)
-
-
-def collect_workflows(workflows: Iterable[Workflow]) -> dict[str, Workflow]:
-    """The workflows by name, nested ones included; a name used twice is an error."""
-    found: dict[str, Workflow] = {}
-    pending = list(workflows)
-    while pending:
-        wf = pending.pop()
-        if not isinstance(wf, Workflow):
-            raise ConfigurationError(f"expected a workflow (from create_workflow), got {wf!r}")
-        other = found.get(wf.name)
-        if other is not None and other is not wf:
-            raise ConfigurationError(f"two different workflows are named {wf.name!r}")
-        if other is None:
-            found[wf.name] = wf
-            pending.extend(wf.children())
-    return found
-
-
-def step_table(
-    workflows: Mapping[str, Workflow],
-) -> tuple[dict[str, dict[str, Step]], dict[str, int | None]]:
-    """Step name -> workflow -> definition, and each step's concurrency limit."""
-    steps: dict[str, dict[str, Step]] = {}
-    limits: dict[str, int | None] = {}
-    for wf in workflows.values():
-        definitions = wf.step_definitions()
-        for node in wf.graph.nodes:
-            if node.kind != "step":
-                continue
-            steps.setdefault(node.name, {})[wf.name] = definitions[node.name]
-            if node.config.concurrency:
-                known = limits.get(node.name)
-                limits[node.name] = min(known or node.config.concurrency, node.config.concurrency)
-    return steps, limits
-
-
-class TransactionHandle:
-    """A started transaction: ``await handle.wait()`` for its final result."""
-
-    def __init__(self, engine: LocalEngine, workflow: str, transaction_id: str) -> None:
-        self.engine = engine
-        self.workflow = workflow
-        self.transaction_id = transaction_id
-
-    async def wait(self, timeout: float | None = None) -> WorkflowResult:
-        """Wait until the transaction is finished."""
-        return await self.engine.wait(self.transaction_id, timeout=timeout)
-
-    async def get(self) -> WorkflowResult:
-        """Its current picture."""
-        return await self.engine.get(self.transaction_id)
-
-    def __repr__(self) -> str:
-        return f"<TransactionHandle {self.workflow}:{self.transaction_id}>"
 
 
 class LocalEngine(EngineAPI):
@@ -149,38 +92,29 @@ class LocalEngine(EngineAPI):
         await stack.__aenter__()
         try:
             await stack.enter_async_context(self.transport)
-            await self.store.open()
+            # One actor system for both: a worker that finishes a coordinator's turn takes the
+            # step it dispatched without a wake-up (see docs/architecture.md, Dispatcher).
             system = await stack.enter_async_context(ActorSystem())
-            self._coordinators = CoordinatorHost(
-                transport=self.transport,
-                store=self.store,
-                system=system,
-                graphs=self.graphs,
-                subjects=self.subjects,
-                retention=self.retention,
+            common: dict[str, Any] = {
+                "transport": self.transport,
+                "prefix": self.subjects.prefix,
+                "partitions": self.subjects.partitions,
+                "system": system,
+            }
+            coordinator = await stack.enter_async_context(
+                Coordinator(
+                    self.workflows.values(), store=self.store, retention=self.retention, **common
+                )
             )
-            await self._coordinators.start()
-            gateway = Gateway(
-                transport=self.transport,
-                system=system,
-                store=self.store,
-                graphs=self.graphs,
-                subjects=self.subjects,
-                route=self._coordinators.route,
-                clock=self._coordinators.clock,
+            await stack.enter_async_context(
+                Worker(
+                    self.workflows.values(),
+                    container=self.container,
+                    concurrency=self.concurrency,
+                    **common,
+                )
             )
-            await gateway.start()
-            steps, limits = step_table(self.workflows)
-            executors = ExecutorHost(
-                transport=self.transport,
-                system=system,
-                steps=steps,
-                limits=limits,
-                subjects=self.subjects,
-                container=self.container,
-                concurrency=self.concurrency,
-            )
-            await executors.start()
+            self._coordinators = coordinator.host
         except BaseException:
             await stack.__aexit__(None, None, None)
             raise

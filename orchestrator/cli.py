@@ -98,9 +98,9 @@ from ._errors import (
     TransactionNotFoundError,
 )
 from ._graph import Graph, Node
-from ._local import DEFAULT_RETENTION, LocalEngine
+from ._local import LocalEngine
 from ._types import LifecycleEvent, StepState, TransactionState, WorkflowResult
-from .services import Coordinator, Worker
+from .services import DEFAULT_RETENTION, Coordinator, Worker
 
 __all__ = [
     "App",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from actors import (
@@ -26,10 +26,47 @@ from transport import Transport
 
 from ._composer import Workflow
 from ._errors import ConfigurationError
-from ._local import DEFAULT_RETENTION, collect_workflows, step_table
-from ._step import as_container
+from ._step import Step, as_container
 
-__all__ = ["Coordinator", "Worker"]
+__all__ = ["DEFAULT_RETENTION", "Coordinator", "Worker", "collect_workflows", "step_table"]
+
+DEFAULT_RETENTION = 86400.0
+"""Seconds a finished transaction is kept (for idempotent re-runs and ``get``): one day."""
+
+
+def collect_workflows(workflows: Iterable[Workflow]) -> dict[str, Workflow]:
+    """The workflows by name, nested ones included; a name used twice is an error."""
+    found: dict[str, Workflow] = {}
+    pending = list(workflows)
+    while pending:
+        wf = pending.pop()
+        if not isinstance(wf, Workflow):
+            raise ConfigurationError(f"expected a workflow (from create_workflow), got {wf!r}")
+        other = found.get(wf.name)
+        if other is not None and other is not wf:
+            raise ConfigurationError(f"two different workflows are named {wf.name!r}")
+        if other is None:
+            found[wf.name] = wf
+            pending.extend(wf.children())
+    return found
+
+
+def step_table(
+    workflows: Mapping[str, Workflow],
+) -> tuple[dict[str, dict[str, Step]], dict[str, int | None]]:
+    """Step name -> workflow -> definition, and each step's concurrency limit."""
+    steps: dict[str, dict[str, Step]] = {}
+    limits: dict[str, int | None] = {}
+    for wf in workflows.values():
+        definitions = wf.step_definitions()
+        for node in wf.graph.nodes:
+            if node.kind != "step":
+                continue
+            steps.setdefault(node.name, {})[wf.name] = definitions[node.name]
+            if node.config.concurrency:
+                known = limits.get(node.name)
+                limits[node.name] = min(known or node.config.concurrency, node.config.concurrency)
+    return steps, limits
 
 
 class _Service:
@@ -71,8 +108,12 @@ class Coordinator(_Service):
         retention: float = DEFAULT_RETENTION,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         store: Store | None = None,
+        system: ActorSystem | None = None,
     ) -> None:
+        """``store`` defaults to the key-value store on ``transport``; ``system`` to an actor
+        system of its own (LocalEngine shares one between its coordinator and its worker)."""
         super().__init__()
+        self._system = system
         self.workflows = collect_workflows(workflows)
         if not self.workflows:
             raise ConfigurationError("a coordinator needs at least one workflow")
@@ -87,7 +128,9 @@ class Coordinator(_Service):
     async def __aenter__(self) -> Coordinator:
         async def setup(stack: contextlib.AsyncExitStack) -> None:
             await self.store.open()
-            system = await stack.enter_async_context(ActorSystem())
+            system = self._system
+            if system is None:
+                system = await stack.enter_async_context(ActorSystem())
             host = CoordinatorHost(
                 transport=self.transport,
                 store=self.store,
@@ -140,8 +183,10 @@ class Worker(_Service):
         concurrency: int | None = None,
         prefix: str = "orch",
         partitions: int = 16,
+        system: ActorSystem | None = None,
     ) -> None:
         super().__init__()
+        self._system = system
         self.workflows = collect_workflows(workflows)
         self.transport = transport
         self.subjects = Subjects(prefix, partitions)
@@ -162,7 +207,9 @@ class Worker(_Service):
     async def __aenter__(self) -> Worker:
         async def setup(stack: contextlib.AsyncExitStack) -> None:
             await self.transport.ensure_queue(self.subjects.work_queue_config())
-            system = await stack.enter_async_context(ActorSystem())
+            system = self._system
+            if system is None:
+                system = await stack.enter_async_context(ActorSystem())
             host = ExecutorHost(
                 transport=self.transport,
                 system=system,
@@ -173,6 +220,7 @@ class Worker(_Service):
                 concurrency=self.concurrency,
             )
             await host.start()
+            stack.push_async_callback(host.stop)  # runs before the actor system is left
             self.host = host
 
         await self._enter(setup)
