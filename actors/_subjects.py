@@ -88,6 +88,12 @@ class Subjects:
         """The work-queue stream: ``ORCH_WORK`` for the default prefix."""
         return f"{self.names.upper()}_WORK"
 
+    @property
+    def logs(self) -> dict[str, tuple[str, ...]]:
+        """The streams that keep lifecycle events and hook payloads: name -> subjects."""
+        p, upper = self.prefix, self.names.upper()
+        return {f"{upper}_EVENTS": (f"{p}.evt.>",), f"{upper}_HOOKS": (f"{p}.hook.>",)}
+
     def work_queue_config(self, *, ack_wait: float = 30.0) -> QueueConfig:
         """The work queue: starts, transaction messages and step commands.
 

@@ -28,10 +28,20 @@ from ._composer import Workflow
 from ._errors import ConfigurationError
 from ._step import Step, as_container
 
-__all__ = ["DEFAULT_RETENTION", "Coordinator", "Worker", "collect_workflows", "step_table"]
+__all__ = [
+    "DEFAULT_LOG_AGE",
+    "DEFAULT_RETENTION",
+    "Coordinator",
+    "Worker",
+    "collect_workflows",
+    "step_table",
+]
 
 DEFAULT_RETENTION = 86400.0
 """Seconds a finished transaction is kept (for idempotent re-runs and ``get``): one day."""
+
+DEFAULT_LOG_AGE = 86400.0
+"""Seconds lifecycle events and hook payloads are kept in their streams: one day."""
 
 
 def collect_workflows(workflows: Iterable[Workflow]) -> dict[str, Workflow]:
@@ -109,10 +119,13 @@ class Coordinator(_Service):
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         store: Store | None = None,
         system: ActorSystem | None = None,
+        log_age: float = DEFAULT_LOG_AGE,
     ) -> None:
         """``store`` defaults to the key-value store on ``transport``; ``system`` to an actor
-        system of its own (LocalEngine shares one between its coordinator and its worker)."""
+        system of its own (LocalEngine shares one between its coordinator and its worker);
+        ``log_age``: seconds the event and hook streams keep their messages."""
         super().__init__()
+        self.log_age = log_age
         self._system = system
         self.workflows = collect_workflows(workflows)
         if not self.workflows:
@@ -128,6 +141,8 @@ class Coordinator(_Service):
     async def __aenter__(self) -> Coordinator:
         async def setup(stack: contextlib.AsyncExitStack) -> None:
             await self.store.open()
+            for name, subjects in self.subjects.logs.items():
+                await self.transport.ensure_log(name, subjects, max_age=self.log_age)
             system = self._system
             if system is None:
                 system = await stack.enter_async_context(ActorSystem())

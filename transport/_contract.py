@@ -342,6 +342,15 @@ class Transport(ABC):
         Raises ``TransportError`` if its subjects overlap another queue's.
         """
 
+    async def ensure_log(  # noqa: B027 - optional: an in-process transport keeps nothing
+        self, name: str, subjects: tuple[str, ...], *, max_age: float
+    ) -> None:
+        """Keep what is published on ``subjects`` for ``max_age`` seconds (idempotent).
+
+        Publishing and subscribing work the same with or without it; a network transport stores
+        the messages (for subscribers that come later, or replay), an in-process one need not.
+        """
+
     @abstractmethod
     async def enqueue(
         self,

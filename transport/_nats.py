@@ -330,6 +330,27 @@ class NatsTransport(Transport):
             raise _translate(f"request on {subject!r} failed", error) from error
         return Msg(reply.subject, reply.data, reply.headers)
 
+    # --- logs ---------------------------------------------------------------------------------
+
+    async def ensure_log(self, name: str, subjects: tuple[str, ...], *, max_age: float) -> None:
+        js = self._jetstream()
+        config = api.StreamConfig(
+            name=name,
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            subjects=list(subjects),
+            max_age=max_age,
+            discard=api.DiscardPolicy.OLD,
+        )
+        with _mapped(f"cannot create or update log {name!r}"):
+            try:
+                await js.add_stream(config)
+            except nats.js.errors.APIError as error:
+                if error.err_code != _STREAM_NAME_IN_USE:
+                    raise
+                current = (await js.stream_info(name)).config
+                await js.update_stream(current.evolve(subjects=list(subjects), max_age=max_age))
+
     # --- work queues ------------------------------------------------------------------------
 
     async def ensure_queue(self, config: QueueConfig) -> None:

@@ -249,3 +249,26 @@ async def test_unknown_workflow_and_oversized_start(nats_server: Any) -> None:
     answer = json.loads(reply.data)
     assert answer["ok"] is False
     assert "not valid JSON" in answer["error"]
+
+
+async def test_events_and_hook_payloads_are_kept_in_their_streams(nats_server: Any) -> None:
+    async with services(nats_server.url) as prefix:
+        nc = await nats.connect(nats_server.url)
+        try:
+            events = Inbox()
+            await nc.subscribe(f"{prefix}.evt.pub-order.kept-1", cb=events.handler)
+            body = {"transaction_id": "kept-1", "input": {"items": ["z"], "total": 3}}
+            await nc.publish(f"{prefix}.start.pub-order", json.dumps(body).encode())
+            items = await events.wait_for(_finished("kept-1"))
+            js = nc.jetstream()
+            # a subscriber that comes later can read them back from the streams
+            stored = await js.get_last_msg(
+                f"{prefix.upper()}_EVENTS", f"{prefix}.evt.pub-order.kept-1"
+            )
+            hook = await js.get_last_msg(
+                f"{prefix.upper()}_HOOKS", f"{prefix}.hook.pub-order.placed"
+            )
+        finally:
+            await nc.close()
+    assert json.loads(stored.data) == items[-1][1]
+    assert json.loads(hook.data) == {"items": ["z"], "total": 3}
