@@ -442,7 +442,10 @@ class CoordinatorHost:
                             workflow=cmd.workflow,
                             transaction_id=cmd.transaction_id,
                             event=Cancel(
-                                now=self.clock(), parent_attempt=cmd.attempt, abort=cmd.abort
+                                now=self.clock(),
+                                parent_attempt=cmd.attempt,
+                                abort=cmd.abort,
+                                parent=_parent_link(state, cmd.step, cmd.attempt),
                             ),
                         )
                     ),
@@ -517,8 +520,35 @@ class CoordinatorHost:
         )
 
     async def answer_missing_child(self, msg: TxEvent) -> None:
-        """A parent asked to compensate a nested transaction that is gone."""
+        """A parent asked to compensate a nested transaction that is gone (its retention ran
+        out): nothing can undo it any more, so the parent step's compensation fails, and says so."""
         log.warning("cancel of an unknown nested transaction", transaction=msg.transaction_id)
+        cancel = msg.event
+        assert isinstance(cancel, Cancel)
+        parent = cancel.parent
+        if parent is None:
+            return
+        event = ChildFinished(
+            now=self.clock(),
+            step=parent.step,
+            attempt=cancel.parent_attempt,
+            action="compensate",
+            state="failed",
+            error=StepError(
+                step=parent.step,
+                action="compensate",
+                type="TransactionNotFoundError",
+                message=f"nested transaction {msg.transaction_id!r} is gone (retention ran out?): "
+                "it cannot be compensated",
+            ),
+        )
+        await self.transport.enqueue(
+            self.subjects.tx(parent.transaction_id),
+            encode_message(
+                TxEvent(workflow=parent.workflow, transaction_id=parent.transaction_id, event=event)
+            ),
+            msg_id=f"{parent.transaction_id}:child:{parent.step}:compensate:{cancel.parent_attempt}",
+        )
 
     async def reject_start(self, msg: StartWorkflow, work: WorkMsg | None) -> None:
         """A start for a workflow this host does not know: say so, never retry it."""

@@ -215,6 +215,8 @@ class Cancel(Event, frozen=True, kw_only=True, tag="cancel"):
     parent_attempt: int = 0
     abort: bool = False
     """Cancel the handlers in flight instead of letting them finish (a parent timed out)."""
+    parent: ParentLink | None = None
+    """The parent step asking (so it can be answered even if this transaction is gone)."""
 
 
 class ChildSuspended(Event, frozen=True, kw_only=True, tag="child_suspended"):

@@ -163,3 +163,29 @@ async def test_grandchild_workflow(make_engine, kit) -> None:
         "middle": [TransactionState.REVERTED],
         "grandchild": [TransactionState.REVERTED],
     }
+
+
+async def test_compensating_a_child_that_is_no_longer_retained_fails_clearly(
+    make_engine, kit
+) -> None:
+    c1 = kit.step("gone-c1")
+    boom = kit.step("gone-boom", fail=True)
+
+    @create_workflow("gone-child", retention=0)  # forgotten as soon as it finishes
+    def child(input: WorkflowData) -> Any:
+        return c1(input)
+
+    @create_workflow("gone-parent")
+    def parent(input: WorkflowData) -> Any:
+        return boom(child.run_as_step(input=input))
+
+    async with make_engine([parent], container=kit.container) as engine:
+        with anyio.fail_after(5):
+            result = await engine.run(parent, transaction_id="gp-1", throw_on_error=False)
+
+    assert result.state is TransactionState.FAILED
+    gone = [e for e in result.errors if e.action == "compensate"]
+    assert len(gone) == 1
+    assert gone[0].type == "TransactionNotFoundError"
+    assert "cannot be compensated" in gone[0].message
+    assert kit.log == ["gone-c1", "gone-boom", "c:gone-boom"]
