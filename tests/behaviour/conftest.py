@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -20,9 +19,8 @@ import pytest
 
 from actors import KvStore
 from orchestrator import LocalEngine, Step, StepContext, create_step
-from orchestrator._client import Client
-from orchestrator.services import Coordinator, Worker
-from transport import MemoryTransport, NatsTransport
+from orchestrator.testing import distributed
+from transport import MemoryTransport
 
 MODES = ["local", "local-kv", "services", "nats"]
 """``local``: LocalEngine as users get it; ``local-kv``: the same, keeping transactions in the
@@ -30,7 +28,6 @@ key-value store the NATS services use (over the memory transport); ``services``:
 service, a worker service and a client, talking over one memory transport as they do over NATS;
 ``nats``: the same services and client, each with its own connection to a real nats-server."""
 
-_prefixes = itertools.count(1)
 
 DEADLINE = 5.0
 """Seconds any single wait in a behaviour test may take before the test fails."""
@@ -79,31 +76,9 @@ def make_engine(
                 **kw,
             ) as engine:
                 yield engine
-        elif engine_mode == "services":
-            transport = MemoryTransport()
-            coordinator_options = {k: kw.pop(k) for k in ("retention",) if k in kw}
-            async with (
-                transport,
-                Coordinator(workflows, transport=transport, **coordinator_options),
-                Worker(workflows, transport=transport, container=container, **kw),
-                Client(transport, owns_transport=False) as client,
-            ):
-                yield client
-        elif engine_mode == "nats":
-            url = request.getfixturevalue("nats_server").url
-            prefix = f"bt{next(_prefixes)}"  # each test its own streams, buckets and subjects
-            coordinator_options = {k: kw.pop(k) for k in ("retention",) if k in kw}
-            async with (
-                NatsTransport(url) as coordinator_transport,
-                NatsTransport(url) as worker_transport,
-                Coordinator(
-                    workflows, transport=coordinator_transport, prefix=prefix, **coordinator_options
-                ),
-                Worker(
-                    workflows, transport=worker_transport, container=container, prefix=prefix, **kw
-                ),
-                Client(NatsTransport(url), prefix=prefix) as client,
-            ):
+        elif engine_mode in ("services", "nats"):
+            url = request.getfixturevalue("nats_server").url if engine_mode == "nats" else None
+            async with distributed(workflows, container, url=url, **kw) as client:
                 yield client
         else:  # pragma: no cover - added with the NATS mode
             raise NotImplementedError(engine_mode)
