@@ -16,7 +16,7 @@ import anyio
 import msgspec
 import structlog
 
-from orchestrator._codec import decode, encode_value
+from orchestrator._codec import EMPTY_MAP, decode, encode_value
 from orchestrator._graph import Graph
 from orchestrator._transaction import (
     Cancel,
@@ -53,7 +53,6 @@ log = structlog.get_logger("orchestrator.gateway")
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 """Bytes a start or API request may carry (NATS's own default ``max_payload``)."""
 
-_EMPTY_CONTEXT = encode_value({}, "context")
 _ID_PREFIX = os.urandom(8).hex()
 _ids = itertools.count(1)
 
@@ -163,7 +162,7 @@ class Gateway:
             workflow=name,
             transaction_id=tx,
             input=data_in,
-            context=context or _EMPTY_CONTEXT,
+            context=context or EMPTY_MAP,
         )
 
     async def _reject(self, work: WorkMsg, workflow: str, message: str) -> None:

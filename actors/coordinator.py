@@ -19,6 +19,7 @@ from orchestrator._codec import decode
 from orchestrator._errors import UnknownWorkflowError
 from orchestrator._graph import Graph
 from orchestrator._transaction import (
+    FINAL_STATES,
     Abort,
     Begin,
     Cancel,
@@ -69,7 +70,7 @@ MAX_RESTARTS = 3
 Watcher = Callable[[str, TxState], None]
 """Called with ``("finish" | "suspend", state)`` by the host, in process."""
 
-_FINAL = frozenset(("done", "reverted", "failed"))
+_FINAL = FINAL_STATES
 _json = msgspec.json.Encoder().encode
 
 
@@ -435,21 +436,17 @@ class CoordinatorHost:
                     msg_id=cmd.transaction_id,
                 )
             elif isinstance(cmd, CancelChild):
-                await transport.enqueue(
-                    subjects.tx(cmd.transaction_id),
-                    encode_message(
-                        TxEvent(
-                            workflow=cmd.workflow,
-                            transaction_id=cmd.transaction_id,
-                            event=Cancel(
-                                now=self.clock(),
-                                parent_attempt=cmd.attempt,
-                                abort=cmd.abort,
-                                parent=_parent_link(state, cmd.step, cmd.attempt),
-                            ),
-                        )
-                    ),
-                    msg_id=f"{cmd.transaction_id}:cancel:{tx}:{cmd.attempt}",
+                cancel = Cancel(
+                    now=self.clock(),
+                    parent_attempt=cmd.attempt,
+                    abort=cmd.abort,
+                    parent=_parent_link(state, cmd.step, cmd.attempt),
+                )
+                await self.send(
+                    cmd.workflow,
+                    cmd.transaction_id,
+                    cancel,
+                    f"{cmd.transaction_id}:cancel:{tx}:{cmd.attempt}",
                 )
             elif isinstance(cmd, Abort):
                 await transport.publish(
@@ -478,6 +475,14 @@ class CoordinatorHost:
                 for subject, data, msg_id in sends:
                     tg.start_soon(partial(transport.enqueue, subject, data, msg_id=msg_id))
 
+    async def send(self, workflow: str, transaction_id: str, event: Any, msg_id: str) -> None:
+        """Put ``event`` on the partition subject of a (nested or parent) transaction."""
+        await self.transport.enqueue(
+            self.subjects.tx(transaction_id),
+            encode_message(TxEvent(workflow=workflow, transaction_id=transaction_id, event=event)),
+            msg_id=msg_id,
+        )
+
     async def retire(self, state: TxState) -> None:
         """Move a finished transaction to the retained set, for its workflow's retention."""
         retention = self.graphs[state.workflow].retention
@@ -488,13 +493,8 @@ class CoordinatorHost:
         parent = state.parent
         assert parent is not None
         event = ChildSuspended(now=self.clock(), step=parent.step, attempt=parent.attempt)
-        await self.transport.enqueue(
-            self.subjects.tx(parent.transaction_id),
-            encode_message(
-                TxEvent(workflow=parent.workflow, transaction_id=parent.transaction_id, event=event)
-            ),
-            msg_id=f"{parent.transaction_id}:suspended:{parent.step}:{parent.attempt}:{state.version}",
-        )
+        msg_id = f"{parent.transaction_id}:suspended:{parent.step}:{parent.attempt}:{state.version}"
+        await self.send(parent.workflow, parent.transaction_id, event, msg_id)
 
     async def notify_parent(self, state: TxState, *, action: str) -> None:
         """Tell the parent step of a nested transaction how it ended."""
@@ -511,13 +511,8 @@ class CoordinatorHost:
             result=state.result,
             error=error,
         )
-        await self.transport.enqueue(
-            self.subjects.tx(parent.transaction_id),
-            encode_message(
-                TxEvent(workflow=parent.workflow, transaction_id=parent.transaction_id, event=event)
-            ),
-            msg_id=f"{parent.transaction_id}:child:{parent.step}:{action}:{attempt}",
-        )
+        msg_id = f"{parent.transaction_id}:child:{parent.step}:{action}:{attempt}"
+        await self.send(parent.workflow, parent.transaction_id, event, msg_id)
 
     async def answer_missing_child(self, msg: TxEvent) -> None:
         """A parent asked to compensate a nested transaction that is gone (its retention ran
@@ -542,13 +537,8 @@ class CoordinatorHost:
                 "it cannot be compensated",
             ),
         )
-        await self.transport.enqueue(
-            self.subjects.tx(parent.transaction_id),
-            encode_message(
-                TxEvent(workflow=parent.workflow, transaction_id=parent.transaction_id, event=event)
-            ),
-            msg_id=f"{parent.transaction_id}:child:{parent.step}:compensate:{cancel.parent_attempt}",
-        )
+        msg_id = f"{parent.transaction_id}:child:{parent.step}:compensate:{cancel.parent_attempt}"
+        await self.send(parent.workflow, parent.transaction_id, event, msg_id)
 
     async def reject_start(self, msg: StartWorkflow, work: WorkMsg | None) -> None:
         """A start for a workflow this host does not know: say so, never retry it."""

@@ -54,7 +54,6 @@ class StepExecutor:
         self.definitions = dict(definitions)
         self.concurrency = concurrency
         self.running: dict[_Key, anyio.CancelScope] = {}
-        self.aborted: set[_Key] = set()
 
     def deliver(self, work: WorkMsg) -> None:
         """The work-queue handler: run the invocation on the dispatcher."""
@@ -64,7 +63,6 @@ class StepExecutor:
         key = (cmd.transaction_id, cmd.action, cmd.attempt)
         scope = self.running.get(key)
         if scope is not None:
-            self.aborted.add(key)
             scope.cancel()
 
     async def run(self, work: WorkMsg) -> None:
@@ -103,13 +101,10 @@ class StepExecutor:
             return _failed(
                 cmd,
                 clock(),
-                StepError(
-                    step=step,
-                    action=action,
-                    type="ConfigurationError",
-                    message=f"this worker has no handler for step {step!r} of workflow "
-                    f"{cmd.workflow!r}",
-                    attempt=attempt,
+                _error(
+                    cmd,
+                    "ConfigurationError",
+                    f"this worker has no handler for step {step!r} of workflow {cmd.workflow!r}",
                 ),
                 permanent=True,
             )
@@ -152,16 +147,13 @@ class StepExecutor:
             else:
                 result = await _call(spec, value, ctx)
         except _Aborted:
-            self.aborted.discard(key)
             return _failed(
                 cmd,
                 clock(),
-                StepError(
-                    step=step,
-                    action=action,
-                    type="WorkflowTimeoutError",
-                    message=f"step {step!r} was cancelled: its transaction (or a parent) timed out",
-                    attempt=attempt,
+                _error(
+                    cmd,
+                    "WorkflowTimeoutError",
+                    f"step {step!r} was cancelled: its transaction (or a parent) timed out",
                 ),
                 permanent=True,
                 timeout=True,
@@ -170,12 +162,10 @@ class StepExecutor:
             return _failed(
                 cmd,
                 clock(),
-                StepError(
-                    step=step,
-                    action=action,
-                    type=StepTimeoutError.__name__,
-                    message=f"step {step!r} timed out after {cmd.timeout} s (handler cancelled)",
-                    attempt=attempt,
+                _error(
+                    cmd,
+                    StepTimeoutError.__name__,
+                    f"step {step!r} timed out after {cmd.timeout} s (handler cancelled)",
                 ),
                 timeout=True,
             )
@@ -187,7 +177,9 @@ class StepExecutor:
                         exc.compensate_input, f"compensate_input of step {step!r}"
                     )
                 except TypeError as enc:
-                    return _failed(cmd, clock(), _output_error(enc, step, action, attempt), True)
+                    return _failed(
+                        cmd, clock(), _error(cmd, StepOutputError.__name__, str(enc)), True
+                    )
             return _failed(
                 cmd,
                 clock(),
@@ -239,15 +231,16 @@ def _classify(cmd: StepCommand, result: Any, now: float) -> StepDone | StepFaile
         else:
             output = comp_input = encode_value(result, f"the output of step {step!r}")
     except TypeError as exc:
-        return _failed(cmd, now, _output_error(exc, step, action, attempt), True)
+        return _failed(cmd, now, _error(cmd, StepOutputError.__name__, str(exc)), True)
     return StepDone(
         now=now, step=step, action=action, attempt=attempt, output=output, comp_input=comp_input
     )
 
 
-def _output_error(exc: TypeError, step: str, action: str, attempt: int) -> StepError:
+def _error(cmd: StepCommand, kind: str, message: str) -> StepError:
+    """An error of the attempt ``cmd`` asked for."""
     return StepError(
-        step=step, action=action, type=StepOutputError.__name__, message=str(exc), attempt=attempt
+        step=cmd.step, action=cmd.action, type=kind, message=message, attempt=cmd.attempt
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
+from orchestrator._codec import EMPTY_MAP
 from orchestrator._transaction import (
     Begin,
     Cancel,
@@ -50,7 +51,7 @@ class StartWorkflow(
     workflow: str
     transaction_id: str
     input: bytes
-    context: bytes = b"\x80"
+    context: bytes = EMPTY_MAP
     parent: ParentLink | None = None
 
 
@@ -74,7 +75,7 @@ class StepCommand(
     action: str
     attempt: int
     input: bytes
-    context: bytes = b"\x80"
+    context: bytes = EMPTY_MAP
     timeout: float | None = None
     async_: bool = False
     abortable: bool = False

@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["NONE", "decode", "encode", "encode_value"]
+__all__ = ["EMPTY_MAP", "NONE", "decode", "encode", "encode_value"]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
@@ -14,6 +14,8 @@ _decoder = msgspec.msgpack.Decoder()
 encode = _encoder.encode
 decode = _decoder.decode
 NONE = encode(None)
+EMPTY_MAP = encode({})
+"""An empty run context, encoded."""
 
 
 def encode_value(value: Any, what: str) -> bytes:

@@ -23,7 +23,7 @@ from actors import (
 from transport import MemoryTransport, Transport
 
 from ._api import EngineAPI, TransactionHandle
-from ._codec import decode, encode_value
+from ._codec import EMPTY_MAP, decode, encode_value
 from ._composer import Workflow
 from ._errors import (
     ConfigurationError,
@@ -42,8 +42,6 @@ from ._types import LifecycleEvent, TransactionState, WorkflowResult
 from .services import DEFAULT_RETENTION, Coordinator, Worker, collect_workflows
 
 __all__ = ["LocalEngine", "TransactionHandle"]
-
-_EMPTY_CONTEXT = encode_value({}, "context")
 
 
 async def _wait(event: Signal, timeout: float | None) -> None:
@@ -192,7 +190,7 @@ class LocalEngine(EngineAPI):
     ) -> None:
         try:
             data = encode_value(input, f"the input of workflow {wf.name!r}")
-            ctx = encode_value(dict(context), "the run context") if context else _EMPTY_CONTEXT
+            ctx = encode_value(dict(context), "the run context") if context else EMPTY_MAP
         except TypeError as exc:
             raise ConfigurationError(str(exc)) from None
         msg = StartWorkflow(workflow=wf.name, transaction_id=tx, input=data, context=ctx)

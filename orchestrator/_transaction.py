@@ -14,12 +14,13 @@ from typing import Any
 
 import msgspec
 
-from ._codec import NONE, decode, encode_value
+from ._codec import EMPTY_MAP, NONE, decode, encode_value
 from ._errors import WorkflowTimeoutError
 from ._graph import INPUT, Graph, Node, Ref, Resolver
 from ._types import LifecycleEvent, StepError, StepInfo, StepState, TransactionState, WorkflowResult
 
 __all__ = [
+    "FINAL_STATES",
     "Abort",
     "Begin",
     "Cancel",
@@ -76,7 +77,9 @@ T_COMPENSATING = TransactionState.COMPENSATING.value
 T_DONE = TransactionState.DONE.value
 T_REVERTED = TransactionState.REVERTED.value
 T_FAILED = TransactionState.FAILED.value
-_FINAL = frozenset((T_DONE, T_REVERTED, T_FAILED))
+FINAL_STATES = frozenset((T_DONE, T_REVERTED, T_FAILED))
+"""The transaction states nothing follows: ``done``, ``reverted``, ``failed``."""
+_FINAL = FINAL_STATES
 _PASS = frozenset((DONE, SKIPPED, SKIPPED_FAILURE))
 _UNDOING = frozenset((PENDING, COMPENSATING))
 """Invoke states that let the steps after a step run."""
@@ -123,7 +126,7 @@ class TxState(msgspec.Struct, kw_only=True, omit_defaults=True):
     graph_hash: str = ""
     status: str = T_NOT_STARTED
     input: bytes = NONE
-    context: bytes = b"\x80"
+    context: bytes = EMPTY_MAP
     steps: dict[str, StepRecord] = msgspec.field(default_factory=dict)
     conditions: dict[str, bool] = msgspec.field(default_factory=dict)
     errors: list[StepError] = msgspec.field(default_factory=list)
@@ -158,7 +161,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 
 class Begin(Event, frozen=True, kw_only=True, tag="begin"):
     input: bytes = NONE
-    context: bytes = b"\x80"
+    context: bytes = EMPTY_MAP
     parent: ParentLink | None = None
 
 
