@@ -209,6 +209,7 @@ async def test_subscribers_get_messages_from_any_nats_client(
     async with NatsTransport(nats_server.url) as transport:
         await transport.subscribe(f"{ns}.x", got)  # returns once the server has it
         await client.publish(f"{ns}.x", json.dumps({"from": "nats-py"}).encode())
+        await client.flush()  # the publisher's buffer is out, whatever its flusher task does
         (msg,) = await got.wait_for(1)
     assert json.loads(msg.data) == {"from": "nats-py"}
 
