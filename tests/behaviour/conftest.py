@@ -103,6 +103,13 @@ class Kit:
     def container(self) -> dict[str, Any]:
         return {"log": self.log}
 
+    async def logged(self, entry: str, timeout: float = DEADLINE) -> None:
+        """Wait until ``entry`` is in the log: an async step's handler runs in the background,
+        so ``run`` may return before it has (over NATS it usually does)."""
+        with anyio.fail_after(timeout):
+            while entry not in self.log:  # noqa: ASYNC110 - the log is all handlers leave
+                await anyio.sleep(0.005)
+
     def step(
         self,
         name: str,

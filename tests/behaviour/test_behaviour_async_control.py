@@ -108,6 +108,7 @@ async def test_async_step_completed_by_set_step_success(make_engine, kit) -> Non
     async with make_engine([wf], container=kit.container) as engine:
         with anyio.fail_after(5):
             first = await engine.run(wf, input={"doc": 1}, transaction_id="tx-a")
+            await kit.logged("approval")
             assert first.state is TransactionState.INVOKING
             assert first.step_table["approval"].state is StepState.INVOKING
             assert kit.log == ["approval"]
@@ -143,6 +144,7 @@ async def test_async_step_failed_by_set_step_failure_compensates(make_engine, ki
     async with make_engine([wf], container=kit.container) as engine:
         with anyio.fail_after(5):
             started = await engine.run(wf, transaction_id="tx-f")
+            await kit.logged("approval")
             assert started.state is TransactionState.INVOKING
             final = await engine.set_step_failure(
                 "async-fail:tx-f:approval:invoke",
@@ -248,7 +250,7 @@ async def test_compensate_async_completed_by_set_step_success(make_engine, kit) 
     assert final.step_table["refund"].state is StepState.REVERTED
 
 
-async def test_retry_step_reinvokes_an_awaiting_step(make_engine, kit) -> None:
+async def test_retry_step_reinvokes_an_awaiting_step(make_engine, kit, collect) -> None:
     @create_step("poll", async_=True)
     async def poll(data: Any, ctx: StepContext) -> Any:
         kit.log.append(f"poll:{ctx.attempt}")
@@ -260,10 +262,15 @@ async def test_retry_step_reinvokes_an_awaiting_step(make_engine, kit) -> None:
     def wf(input: WorkflowData) -> Any:
         return poll(input)
 
-    async with make_engine([wf], container=kit.container) as engine:
+    async with (
+        make_engine([wf], container=kit.container) as engine,
+        collect(lambda: engine.events(transaction_id="rs-1")) as events,
+    ):
         with anyio.fail_after(5):
             first = await engine.run(wf, transaction_id="rs-1")
             assert first.state is TransactionState.INVOKING
+            # retry_step is for a step that awaits: its handler returned (in the background)
+            await events.wait_for(lambda evs: any(e.type == "step_awaiting" for e in evs))
             await engine.retry_step("retry-step:rs-1:poll:invoke")
             final = await engine.wait("rs-1")
 

@@ -73,6 +73,7 @@ async def test_names_with_colons_in_idempotency_keys(make_engine, kit) -> None:
     @create_step("ns:approve", async_=True)
     async def approve(data: Any, ctx: StepContext) -> None:
         keys.append(ctx.idempotency_key)
+        kit.log.append("approve")
 
     @create_workflow("ns:flow")
     def wf(input: WorkflowData) -> Any:
@@ -81,6 +82,7 @@ async def test_names_with_colons_in_idempotency_keys(make_engine, kit) -> None:
     async with make_engine([wf]) as engine:
         with anyio.fail_after(5):
             await engine.run(wf, transaction_id="t:1:invoke")
+            await kit.logged("approve")
             assert keys == ["ns:flow:t:1:invoke:ns:approve:invoke"]
             final = await engine.set_step_success(keys[0], "ok")
 

@@ -98,7 +98,9 @@ async def test_set_step_failure_without_force_is_retried(make_engine, kit) -> No
     async with make_engine([wf], container=kit.container) as engine:
         with anyio.fail_after(5):
             await engine.run(wf, transaction_id="ar-1")
+            await kit.logged("approve:1")
             again = await engine.set_step_failure("async-retry:ar-1:approve:invoke", "not yet")
+            await kit.logged("approve:2")
             assert again.state is TransactionState.INVOKING
             assert kit.log == ["approve:1", "approve:2"]
             final = await engine.set_step_success("async-retry:ar-1:approve:invoke", "yes")
