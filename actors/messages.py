@@ -12,6 +12,7 @@ from orchestrator._transaction import (
     ChildSuspended,
     Complete,
     ParentLink,
+    Resume,
     RetryStep,
     StepDone,
     StepFailed,
@@ -40,6 +41,7 @@ TxEventBody = (
     | ChildFinished
     | ChildSuspended
     | RetryStep
+    | Resume
 )
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "ParentLink",
     "PublishHook",
     "Reject",
+    "Resume",
     "RetryStep",
     "SetTimer",
     "StartChild",
@@ -220,6 +221,11 @@ class Cancel(Event, frozen=True, kw_only=True, tag="cancel"):
     """Cancel the handlers in flight instead of letting them finish (a parent timed out)."""
     parent: ParentLink | None = None
     """The parent step asking (so it can be answered even if this transaction is gone)."""
+
+
+class Resume(Event, frozen=True, kw_only=True, tag="resume"):
+    """Send the commands of the attempts in flight again (a new owner took the transaction
+    over, or its coordinator restarted from the last checkpoint)."""
 
 
 class ChildSuspended(Event, frozen=True, kw_only=True, tag="child_suspended"):
@@ -526,6 +532,8 @@ class _Machine(Resolver):
             self.on_cancel(event)
         elif isinstance(event, RetryStep):
             self.on_retry_step(event)
+        elif isinstance(event, Resume):
+            self.resume()
 
     # -- results
     def current(self, step: str, action: str, attempt: int) -> StepRecord | None:
@@ -889,16 +897,7 @@ class _Machine(Resolver):
                     child = f"{child}:attempt-{attempt}"
                 record.child = child
                 self.emit("step_begin", node.name, attempt)
-                assert node.workflow is not None
-                self.commands.append(
-                    StartChild(
-                        step=node.name,
-                        attempt=attempt,
-                        workflow=node.workflow,
-                        transaction_id=child,
-                        input=data,
-                    )
-                )
+                self.commands.append(self.invoke_command(node, record, data))
                 return
             try:
                 data = self.resolve_bytes(node.input, f"input of step {node.name!r}")
@@ -909,16 +908,7 @@ class _Machine(Resolver):
                 return
             config = node.config
             self.emit("step_begin", node.name, attempt)
-            self.commands.append(
-                Invoke(
-                    step=node.name,
-                    action=INVOKE,
-                    attempt=attempt,
-                    input=data,
-                    timeout=config.timeout,
-                    async_=config.async_,
-                )
-            )
+            self.commands.append(self.invoke_command(node, record, data))
             if config.async_ and config.timeout:
                 self.commands.append(
                     SetTimer(
@@ -933,27 +923,72 @@ class _Machine(Resolver):
         record.comp_attempt += 1
         attempt = record.comp_attempt
         self.emit("compensate_step_begin", node.name, attempt)
+        self.commands.append(self.compensate_command(node, record))
+
+    def invoke_command(self, node: Node, record: StepRecord, data: bytes) -> Command:
+        """The command of the current invoke attempt of ``node`` (``data``: its input)."""
         if node.kind == "subflow":
             assert node.workflow is not None
             assert record.child is not None
-            self.commands.append(
-                CancelChild(
-                    step=node.name,
-                    attempt=attempt,
-                    workflow=node.workflow,
-                    transaction_id=record.child,
-                )
-            )
-            return
-        self.commands.append(
-            Invoke(
+            return StartChild(
                 step=node.name,
-                action=COMPENSATE,
-                attempt=attempt,
-                input=NONE if record.comp_input is None else record.comp_input,
-                async_=node.config.compensate_async,
+                attempt=record.attempt,
+                workflow=node.workflow,
+                transaction_id=record.child,
+                input=data,
             )
+        config = node.config
+        return Invoke(
+            step=node.name,
+            action=INVOKE,
+            attempt=record.attempt,
+            input=data,
+            timeout=config.timeout,
+            async_=config.async_,
         )
+
+    def compensate_command(self, node: Node, record: StepRecord) -> Command:
+        """The command of the current compensation attempt of ``node``."""
+        if node.kind == "subflow":
+            assert node.workflow is not None
+            assert record.child is not None
+            return CancelChild(
+                step=node.name,
+                attempt=record.comp_attempt,
+                workflow=node.workflow,
+                transaction_id=record.child,
+            )
+        return Invoke(
+            step=node.name,
+            action=COMPENSATE,
+            attempt=record.comp_attempt,
+            input=NONE if record.comp_input is None else record.comp_input,
+            async_=node.config.compensate_async,
+        )
+
+    def resume(self) -> None:
+        """Send again the commands of every attempt in flight; the state does not change.
+
+        After a takeover, or a restart from the last checkpoint, the commands of the turn that
+        wrote it may never have left. Sending them again is safe: they carry the same message
+        ids (the work queue drops a copy within its duplicate window), an executor may run an
+        attempt again (at least once per attempt), and a second result is ignored. Attempts
+        waiting for a retry timer, or awaiting an external completion, have nothing in flight.
+        """
+        if self.state.status in _FINAL or self.state.status == T_NOT_STARTED:
+            return
+        for node in self.graph.nodes:
+            record = self.state.steps[node.name]
+            if not record.running or record.retry_at is not None:
+                continue
+            if record.state == INVOKING:
+                try:
+                    data = self.resolve_bytes(node.input, f"input of step {node.name!r}")
+                except Exception:  # it resolved when the attempt started; leave it to timeouts
+                    continue
+                self.commands.append(self.invoke_command(node, record, data))
+            elif record.comp == COMPENSATING:
+                self.commands.append(self.compensate_command(node, record))
 
     def passable(self, name: str) -> bool:
         state = self.state.steps[name].state

@@ -34,6 +34,7 @@ from typing import Any
 
 import msgspec
 
+from orchestrator import _transaction
 from orchestrator._codec import encode
 from orchestrator._composer import Workflow
 from orchestrator._graph import Graph
@@ -52,6 +53,7 @@ from orchestrator._transaction import (
     ParentLink,
     PublishHook,
     Reject,
+    Resume,
     SetTimer,
     StartChild,
     StepDone,
@@ -235,7 +237,42 @@ class Driver:
             self._record_result(tx_id, old, event, applied.seq)
         for command in commands:
             self.command(tx, command, event.now, applied.seq)
+        self._check_resume(tx)
         return applied
+
+    def _check_resume(self, tx: Tx) -> None:
+        """``Resume`` (a takeover) changes nothing and sends again exactly the commands of the
+        attempts still in flight, as they were first sent."""
+        state = tx.state
+        # The real machine: mutation tests patch ``apply`` to break the run, not this check.
+        again, commands = _transaction.apply(tx.graph, state, Resume(now=self.clock))
+        assert encode(again) == encode(state), "Resume changed the state"
+        sent: dict[tuple[str, str, int], Command] = {
+            (c.step, c.action, c.attempt): c for _, t, c in self.invokes if t == tx.id
+        }
+        for _, t, c in self.children:
+            if t == tx.id:
+                action = "invoke" if isinstance(c, StartChild) else "compensate"
+                sent[c.step, action, c.attempt] = c
+        expected = {}
+        if state.status not in FINAL and state.status != "not_started":
+            for name, record in state.steps.items():
+                if not record.running or record.retry_at is not None:
+                    continue
+                if record.state == "invoking":
+                    expected[name, "invoke", record.attempt] = sent[name, "invoke", record.attempt]
+                elif record.comp == "compensating":
+                    key = (name, "compensate", record.comp_attempt)
+                    expected[key] = sent[key]
+        got = {
+            (c.step, "invoke" if isinstance(c, Invoke | StartChild) else "compensate", c.attempt)
+            if not isinstance(c, Invoke)
+            else (c.step, c.action, c.attempt): c
+            for c in commands
+            if isinstance(c, Invoke | StartChild | CancelChild)
+        }
+        assert len(got) == len(commands), f"Resume gave other commands: {commands}"
+        assert got == expected, f"Resume sent {got}, expected {expected}"
 
     def _record_result(self, tx_id: str, old: TxState, event: Event, seq: int) -> None:
         """Note the outcome of the attempt that an accepted event answered."""
