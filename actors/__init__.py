@@ -5,6 +5,8 @@ from ._gateway import new_transaction_id as new_transaction_id
 from ._gateway import parse_key as parse_key
 from ._kvstore import KvStore as KvStore
 from ._kvstore import StoreConflictError as StoreConflictError
+from ._leases import LeaseLostError as LeaseLostError
+from ._leases import PartitionLeases as PartitionLeases
 from ._store import MemoryStore as MemoryStore
 from ._store import Store as Store
 from ._subjects import Subjects as Subjects
@@ -41,9 +43,11 @@ __all__ = [
     "ExecutorHost",
     "Gateway",
     "KvStore",
+    "LeaseLostError",
     "Mailbox",
     "MemoryStore",
     "Message",
+    "PartitionLeases",
     "Signal",
     "StartWorkflow",
     "StepCommand",
