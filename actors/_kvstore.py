@@ -45,8 +45,10 @@ def _newest(done: Entry | None, live: Entry | None) -> TxState | None:
 class KvStore(Store):
     """Checkpoints in key-value buckets; call :meth:`open` once before use."""
 
-    def __init__(self, transport: Transport, *, prefix: str = "orch") -> None:
+    def __init__(self, transport: Transport, *, prefix: str = "orch", replicas: int = 1) -> None:
+        """``replicas``: copies a NATS cluster keeps of each bucket, when it is created."""
         self.transport = transport
+        self.replicas = replicas
         self.prefix = re.sub(r"[^A-Za-z0-9_-]", "_", prefix)
         self._live: KeyValue | None = None
         self._done: KeyValue | None = None
@@ -54,8 +56,8 @@ class KvStore(Store):
 
     async def open(self) -> None:
         """Create (or bind) the buckets."""
-        self._live = await self.transport.open_kv(f"{self.prefix}_tx")
-        self._done = await self.transport.open_kv(f"{self.prefix}_done")
+        self._live = await self.transport.open_kv(f"{self.prefix}_tx", replicas=self.replicas)
+        self._done = await self.transport.open_kv(f"{self.prefix}_done", replicas=self.replicas)
 
     @property
     def live(self) -> KeyValue:

@@ -94,12 +94,17 @@ class Subjects:
         p, upper = self.prefix, self.names.upper()
         return {f"{upper}_EVENTS": (f"{p}.evt.>",), f"{upper}_HOOKS": (f"{p}.hook.>",)}
 
-    def work_queue_config(self, *, ack_wait: float = 30.0) -> QueueConfig:
+    def work_queue_config(self, *, ack_wait: float = 30.0, replicas: int = 1) -> QueueConfig:
         """The work queue: starts, transaction messages and step commands.
 
         Deliveries are not capped: a message that cannot be handled is terminated by whoever
         reads it, and a redelivered step command is run again (its result is deduplicated).
+        ``replicas``: copies a NATS cluster keeps, when the queue is created.
         """
         return QueueConfig(
-            name=self.work_queue, subjects=self.work_subjects, max_deliver=-1, ack_wait=ack_wait
+            name=self.work_queue,
+            subjects=self.work_subjects,
+            max_deliver=-1,
+            ack_wait=ack_wait,
+            replicas=replicas,
         )

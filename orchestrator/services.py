@@ -120,12 +120,16 @@ class Coordinator(_Service):
         store: Store | None = None,
         system: ActorSystem | None = None,
         log_age: float = DEFAULT_LOG_AGE,
+        replicas: int = 1,
     ) -> None:
         """``store`` defaults to the key-value store on ``transport``; ``system`` to an actor
         system of its own (LocalEngine shares one between its coordinator and its worker);
-        ``log_age``: seconds the event and hook streams keep their messages."""
+        ``log_age``: seconds the event and hook streams keep their messages; ``replicas``:
+        copies a NATS cluster keeps of the work queue, the streams and the buckets this
+        coordinator creates (existing ones keep theirs)."""
         super().__init__()
         self.log_age = log_age
+        self.replicas = replicas
         self._system = system
         self.workflows = collect_workflows(workflows)
         if not self.workflows:
@@ -135,14 +139,19 @@ class Coordinator(_Service):
         self.subjects = Subjects(prefix, partitions)
         self.retention = retention
         self.max_payload = max_payload
-        self.store: Store = store or KvStore(transport, prefix=prefix)
+        self.store: Store = store or KvStore(transport, prefix=prefix, replicas=replicas)
         self.host: CoordinatorHost | None = None
 
     async def __aenter__(self) -> Coordinator:
         async def setup(stack: contextlib.AsyncExitStack) -> None:
             await self.store.open()
             for name, subjects in self.subjects.logs.items():
-                await self.transport.ensure_log(name, subjects, max_age=self.log_age)
+                await self.transport.ensure_log(
+                    name, subjects, max_age=self.log_age, replicas=self.replicas
+                )
+            await self.transport.ensure_queue(
+                self.subjects.work_queue_config(replicas=self.replicas)
+            )
             system = self._system
             if system is None:
                 system = await stack.enter_async_context(ActorSystem())
@@ -199,9 +208,13 @@ class Worker(_Service):
         prefix: str = "orch",
         partitions: int = 16,
         system: ActorSystem | None = None,
+        replicas: int = 1,
     ) -> None:
+        """``replicas``: copies a NATS cluster keeps of the work queue, if this worker creates
+        it."""
         super().__init__()
         self._system = system
+        self.replicas = replicas
         self.workflows = collect_workflows(workflows)
         self.transport = transport
         self.subjects = Subjects(prefix, partitions)
@@ -221,7 +234,9 @@ class Worker(_Service):
 
     async def __aenter__(self) -> Worker:
         async def setup(stack: contextlib.AsyncExitStack) -> None:
-            await self.transport.ensure_queue(self.subjects.work_queue_config())
+            await self.transport.ensure_queue(
+                self.subjects.work_queue_config(replicas=self.replicas)
+            )
             system = self._system
             if system is None:
                 system = await stack.enter_async_context(ActorSystem())

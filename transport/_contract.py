@@ -42,6 +42,12 @@ __all__ = [
 ]
 
 
+def check_replicas(replicas: int) -> None:
+    """``replicas`` must be a whole number from 1 to 5 (JetStream's limit)."""
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 5:
+        raise ValueError(f"replicas must be a whole number from 1 to 5, not {replicas!r}")
+
+
 class TransportError(Exception):
     """The root of the transport's errors: the operation could not be carried out."""
 
@@ -237,6 +243,9 @@ class QueueConfig:
     """Seconds a delivery may stay unsettled before the message is redelivered."""
     duplicate_window: float = 120.0
     """Seconds during which a message with an already seen ``msg_id`` is dropped (0: off)."""
+    replicas: int = 1
+    """Copies of the queue a clustered server keeps (JetStream ``num_replicas``), set when the
+    queue is created; an existing queue keeps its own. An in-process transport ignores it."""
 
     def __post_init__(self) -> None:
         check_name("queue", self.name)
@@ -253,6 +262,7 @@ class QueueConfig:
             raise ValueError(f"ack_wait must be positive, not {self.ack_wait}")
         if not self.duplicate_window >= 0:
             raise ValueError(f"duplicate_window must be >= 0, not {self.duplicate_window}")
+        check_replicas(self.replicas)
 
 
 Handler: TypeAlias = Callable[[Msg], None]
@@ -342,14 +352,17 @@ class Transport(ABC):
         Raises ``TransportError`` if its subjects overlap another queue's.
         """
 
-    async def ensure_log(  # noqa: B027 - optional: an in-process transport keeps nothing
-        self, name: str, subjects: tuple[str, ...], *, max_age: float
+    async def ensure_log(
+        self, name: str, subjects: tuple[str, ...], *, max_age: float, replicas: int = 1
     ) -> None:
         """Keep what is published on ``subjects`` for ``max_age`` seconds (idempotent).
 
         Publishing and subscribing work the same with or without it; a network transport stores
-        the messages (for subscribers that come later, or replay), an in-process one need not.
+        the messages (for subscribers that come later, or replay), an in-process one need not
+        (this default keeps nothing). ``replicas``: copies a clustered server keeps, set when
+        the log is created.
         """
+        check_replicas(replicas)
 
     @abstractmethod
     async def enqueue(
@@ -389,9 +402,13 @@ class Transport(ABC):
         """
 
     @abstractmethod
-    async def open_kv(self, bucket: str, *, ttl: float | None = None, history: int = 1) -> KeyValue:
+    async def open_kv(
+        self, bucket: str, *, ttl: float | None = None, history: int = 1, replicas: int = 1
+    ) -> KeyValue:
         """Create the key-value bucket, or open it if it exists (its settings then updated).
 
         ``ttl`` is the bucket's default time-to-live in seconds (see ``KeyValue``); ``history``
-        is how many revisions per key the bucket keeps (1 to 64).
+        is how many revisions per key the bucket keeps (1 to 64); ``replicas`` how many copies a
+        clustered server keeps, set when the bucket is created (an existing one keeps its own;
+        an in-process transport ignores it).
         """

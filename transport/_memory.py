@@ -24,6 +24,7 @@ from ._contract import (
     Transport,
     TransportError,
     WorkHandler,
+    check_replicas,
 )
 from ._memory_kv import MemoryKeyValue, check_settings
 from ._memory_queue import MemoryConsumer, Stream
@@ -371,10 +372,13 @@ class MemoryTransport(Transport):
 
     # --- key-value --------------------------------------------------------------------------
 
-    async def open_kv(self, bucket: str, *, ttl: float | None = None, history: int = 1) -> KeyValue:
+    async def open_kv(
+        self, bucket: str, *, ttl: float | None = None, history: int = 1, replicas: int = 1
+    ) -> KeyValue:
         self._check_open()
         check_bucket(bucket)
         check_settings(ttl, history)
+        check_replicas(replicas)  # one process keeps one copy
         store = self._buckets.get(bucket)
         if store is None:
             store = self._buckets[bucket] = MemoryKeyValue(bucket, ttl, history, self._scheduler)

@@ -48,6 +48,7 @@ from ._contract import (
     TransportError,
     WorkHandler,
     WorkMsg,
+    check_replicas,
 )
 from ._memory_kv import check_settings
 from ._subjects import check_bucket, check_key, check_name, collide, compile_pattern, split_subject
@@ -332,8 +333,11 @@ class NatsTransport(Transport):
 
     # --- logs ---------------------------------------------------------------------------------
 
-    async def ensure_log(self, name: str, subjects: tuple[str, ...], *, max_age: float) -> None:
+    async def ensure_log(
+        self, name: str, subjects: tuple[str, ...], *, max_age: float, replicas: int = 1
+    ) -> None:
         js = self._jetstream()
+        check_replicas(replicas)
         config = api.StreamConfig(
             name=name,
             retention=api.RetentionPolicy.LIMITS,
@@ -341,6 +345,7 @@ class NatsTransport(Transport):
             subjects=list(subjects),
             max_age=max_age,
             discard=api.DiscardPolicy.OLD,
+            num_replicas=replicas,
         )
         with _mapped(f"cannot create or update log {name!r}"):
             try:
@@ -370,6 +375,7 @@ class NatsTransport(Transport):
                             subjects=subjects,
                             duplicate_window=window,
                             metadata=metadata,
+                            num_replicas=config.replicas,
                         )
                     )
                     return
@@ -499,10 +505,13 @@ class NatsTransport(Transport):
 
     # --- key-value --------------------------------------------------------------------------
 
-    async def open_kv(self, bucket: str, *, ttl: float | None = None, history: int = 1) -> KeyValue:
+    async def open_kv(
+        self, bucket: str, *, ttl: float | None = None, history: int = 1, replicas: int = 1
+    ) -> KeyValue:
         js = self._jetstream()
         check_bucket(bucket)
         check_settings(ttl, history)
+        check_replicas(replicas)
         stream = f"KV_{bucket}"
 
         def tuned(config: api.StreamConfig) -> api.StreamConfig:
@@ -529,6 +538,7 @@ class NatsTransport(Transport):
                             max_msgs=-1,
                             max_bytes=-1,
                             max_consumers=-1,
+                            num_replicas=replicas,
                         )
                     )
                 )

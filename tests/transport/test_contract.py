@@ -602,3 +602,26 @@ async def test_kv_put_keeps_the_key_ttl(transport: Transport, ns: str) -> None:
     assert time.monotonic() - started >= 0.9
     await kv.put("by-same", b"z")  # an expired key may be written again
     assert await kv.get("by-same") is not None
+
+
+async def test_replicas_is_a_creation_setting_from_one_to_five(
+    transport: Transport, ns: str
+) -> None:
+    # One server (or one process) keeps one copy; a NATS cluster test asks for three.
+    await transport.ensure_queue(QueueConfig(f"Q{ns}", (f"{ns}.q.*",), replicas=1))
+    await transport.enqueue(f"{ns}.q.a", b"1")
+    received = Recorder[WorkMsg]()
+    await transport.consume(f"Q{ns}", "d", f"{ns}.q.*", received)
+    (msg,) = await received.wait_for(1)
+    await msg.ack()
+    kv = await transport.open_kv(f"kv_{ns}", replicas=1)
+    revision = await kv.put("k", b"v")
+    assert await kv.get("k") == Entry("k", b"v", revision)
+    await transport.ensure_log(f"L{ns}", (f"{ns}.log.>",), max_age=60, replicas=1)
+    for wrong in (0, 6, True):
+        with pytest.raises(ValueError, match="replicas"):
+            QueueConfig(f"Q{ns}", (f"{ns}.q.*",), replicas=wrong)
+        with pytest.raises(ValueError, match="replicas"):
+            await transport.open_kv(f"kv_{ns}", replicas=wrong)
+    with pytest.raises(ValueError, match="replicas"):
+        await transport.ensure_log(f"L{ns}", (f"{ns}.log.>",), max_age=60, replicas=0)
