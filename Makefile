@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
@@ -27,6 +27,15 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py
+
+# The full chaos runs (tests/chaos): one nats-server, then a three-node cluster; both always run.
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos.harness --workflows 2000 --duration 120 --settle-timeout 180; \
+	single=$$?; \
+	$(BIN)/python -m tests.chaos.harness --workflows 2000 --duration 120 --settle-timeout 180 \
+		--cluster --nats-kills 1; \
+	cluster=$$?; \
+	test $$single -eq 0 && test $$cluster -eq 0
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

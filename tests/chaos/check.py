@@ -1,0 +1,396 @@
+"""The model of a chaos run and the checks of its outcome.
+
+A :class:`Plan` per transaction says which steps fail for good, which flake and which
+compensations flake; :func:`predict` says what must happen; :func:`check_run` compares the
+ledger (what the step handlers did) and the final states (what the coordinators say) with it,
+and returns a :class:`Report` with the figures of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator import WorkflowResult
+
+from .app import MAX_RETRIES, WORKFLOWS, layers_of, step_output
+
+FINAL_STATES = ("done", "reverted", "failed")
+
+# --- the model --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one transaction's steps do (part of its input and context)."""
+
+    workflow: str
+    seed: str
+    fail: dict[str, str] = field(default_factory=dict)
+    flaky: dict[str, int] = field(default_factory=dict)
+    comp_flaky: tuple[str, ...] = ()
+
+    def input(self) -> dict[str, Any]:
+        return {"seed": self.seed, "plan": {"fail": self.fail, "flaky": self.flaky}}
+
+    def context(self) -> dict[str, Any]:
+        return {"comp_flaky": list(self.comp_flaky)}
+
+
+def make_plan(
+    rng: random.Random,
+    seed: str,
+    *,
+    p_fail: float = 0.2,
+    p_flaky: float = 0.15,
+    p_comp_flaky: float = 0.05,
+) -> Plan:
+    """A random plan: each step fails for good with ``p_fail`` (half of those at once, half
+    after spending its retries), else flakes with ``p_flaky``; each compensation fails on its
+    first attempt with ``p_comp_flaky``."""
+    workflow = rng.choice(sorted(WORKFLOWS))
+    fail: dict[str, str] = {}
+    flaky: dict[str, int] = {}
+    comp_flaky: list[str] = []
+    for layer in layers_of(workflow):
+        for step in layer:
+            if rng.random() < p_fail:
+                fail[step] = rng.choice(["permanent", "exhaust"])
+            elif rng.random() < p_flaky:
+                flaky[step] = rng.randint(1, MAX_RETRIES)
+            if rng.random() < p_comp_flaky:
+                comp_flaky.append(step)
+    return Plan(workflow, seed, fail, flaky, tuple(comp_flaky))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    state: str
+    """``done`` or ``reverted`` (compensations always recover: they flake once at most)."""
+    invoked: frozenset[str]
+    """The steps that run (and, when reverted, are compensated)."""
+    fail_level: int | None
+    """The layer where the first failure for good happens."""
+    outputs: dict[str, str]
+    """What each invoked step returns when it succeeds."""
+    result: dict[str, str] | None
+    """The workflow's result when done."""
+
+
+def predict(plan: Plan) -> Prediction:
+    layers = layers_of(plan.workflow)
+    graph = {n.name: n for n in WORKFLOWS[plan.workflow].graph.nodes}
+    outputs: dict[str, str] = {}
+    for layer in layers:
+        for step in layer:
+            prev = [outputs[a] for a in graph[step].after]
+            outputs[step] = step_output(step, plan.seed, prev)
+    failing = [i for i, layer in enumerate(layers) if any(s in plan.fail for s in layer)]
+    if not failing:
+        everything = frozenset(outputs)
+        return Prediction("done", everything, None, outputs, dict(outputs))
+    level = failing[0]
+    invoked = frozenset(s for layer in layers[: level + 1] for s in layer)
+    return Prediction("reverted", invoked, level, outputs, None)
+
+
+def successors(workflow: str) -> dict[str, set[str]]:
+    """Step -> every step after it (transitively), from the graph's ``after`` lists."""
+    nodes = WORKFLOWS[workflow].graph.nodes
+    direct: dict[str, set[str]] = defaultdict(set)
+    for node in nodes:
+        for before in node.after:
+            direct[before].add(node.name)
+    closure: dict[str, set[str]] = {}
+    for node in reversed(nodes):
+        after: set[str] = set()
+        for nxt in direct[node.name]:
+            after |= {nxt} | closure.get(nxt, set())
+        closure[node.name] = after
+    return closure
+
+
+# --- the ledger -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attempt:
+    tx: str
+    step: str
+    action: str
+    attempt: int
+    started: float
+    ended: float | None
+    outcome: str | None
+    payload: Any
+    deliveries: int
+
+
+@dataclass(frozen=True)
+class Delivery:
+    tx: str
+    step: str
+    action: str
+    attempt: int
+    pid: int
+    started: float
+    ended: float | None
+    outcome: str | None
+
+
+@dataclass
+class LedgerData:
+    attempts: dict[str, list[Attempt]]
+    deliveries: dict[str, list[Delivery]]
+
+
+def read_ledger(path: Path) -> LedgerData:
+    attempts: dict[str, list[Attempt]] = defaultdict(list)
+    deliveries: dict[str, list[Delivery]] = defaultdict(list)
+    with sqlite3.connect(path, timeout=60) as db:
+        for tx, step, action, attempt, started, ended, outcome, payload, count in db.execute(
+            "select tx, step, action, attempt, started, ended, outcome, payload, deliveries "
+            "from attempts order by started"
+        ):
+            decoded = None if payload is None else json.loads(payload)
+            attempts[tx].append(
+                Attempt(tx, step, action, attempt, started, ended, outcome, decoded, count)
+            )
+        for row in db.execute(
+            "select tx, step, action, attempt, pid, started, ended, outcome "
+            "from deliveries order by started"
+        ):
+            deliveries[row[0]].append(Delivery(*row))
+    return LedgerData(dict(attempts), dict(deliveries))
+
+
+# --- the checks -------------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    name: str
+    checked: int = 0
+    failures: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def fail(self, tx: str, message: str) -> None:
+        self.failures.setdefault(tx, message)
+
+
+@dataclass
+class Report:
+    figures: dict[str, Any]
+    checks: list[Check]
+    examples: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def failed(self) -> list[str]:
+        return [c.name for c in self.checks if not c.ok]
+
+    def render(self, examples: int = 2) -> str:
+        lines = ["chaos run:"]
+        width = max(len(k) for k in self.figures)
+        lines += [f"  {k:<{width}}  {v}" for k, v in self.figures.items()]
+        lines.append("checks:")
+        for check in self.checks:
+            verdict = "ok" if check.ok else f"FAILED for {len(check.failures)}"
+            lines.append(f"  [{verdict}] {check.name} ({check.checked} transactions checked)")
+            for tx, message in list(check.failures.items())[:examples]:
+                lines.append(f"      {tx}: {message}")
+                lines.extend("        " + x for x in self.examples.get(tx, "").splitlines())
+        return "\n".join(lines)
+
+
+def _numbers(rows: list[Attempt]) -> list[int]:
+    return sorted(r.attempt for r in rows)
+
+
+def _describe(tx: str, plan: Plan, final: WorkflowResult | None, ledger: LedgerData) -> str:
+    out = [
+        f"plan: {plan.workflow} fail={plan.fail} flaky={plan.flaky} comp_flaky={plan.comp_flaky}",
+        "final: "
+        + (
+            "none"
+            if final is None
+            else f"{final.state.value} steps="
+            + ", ".join(
+                f"{s.name}:{s.state.value}/{s.attempts}/{s.compensate_attempts}"
+                for s in final.steps
+            )
+        ),
+    ]
+    t0 = min((a.started for a in ledger.attempts.get(tx, [])), default=0.0)
+    for a in ledger.attempts.get(tx, []):
+        ended = "-" if a.ended is None else f"{a.ended - t0:.3f}"
+        out.append(
+            f"{a.step} {a.action} #{a.attempt} {a.started - t0:.3f}..{ended} {a.outcome} "
+            f"deliveries={a.deliveries}"
+        )
+    return "\n".join(out)
+
+
+def check_run(
+    plans: dict[str, Plan],
+    finals: dict[str, WorkflowResult | None],
+    ledger: LedgerData,
+    figures: dict[str, Any] | None = None,
+) -> Report:
+    """Every check of the chaos test over one run; ``figures`` are added to the report's."""
+    lost = Check("every transaction final (0 lost)")
+    model = Check("final state and result as the model predicts")
+    attempts_check = Check("invoke attempts as the model predicts")
+    once = Check("reverted: each effect compensated exactly once")
+    order = Check("reverted: compensations in reverse dependency order")
+    clean = Check("done: no compensation")
+    forward = Check("no forward step started after compensation began")
+    rerun = Check("no handler run (redelivery included) after compensation began")
+    checks = [lost, model, attempts_check, once, order, clean, forward, rerun]
+
+    states: Counter[str] = Counter()
+    for tx, plan in plans.items():
+        final = finals.get(tx)
+        lost.checked += 1
+        state = "missing" if final is None else final.state.value
+        states[state] += 1
+        if state not in FINAL_STATES:
+            lost.fail(tx, f"state {state}")
+            continue
+        assert final is not None
+        prediction = predict(plan)
+        rows = ledger.attempts.get(tx, [])
+        invokes = [r for r in rows if r.action == "invoke"]
+        comps = [r for r in rows if r.action == "compensate"]
+        by_step: dict[str, list[Attempt]] = defaultdict(list)
+        comp_by_step: dict[str, list[Attempt]] = defaultdict(list)
+        for r in invokes:
+            by_step[r.step].append(r)
+        for r in comps:
+            comp_by_step[r.step].append(r)
+
+        # the final state and result
+        model.checked += 1
+        if state != prediction.state:
+            model.fail(tx, f"state {state}, the model says {prediction.state}")
+        elif state == "done" and final.result != prediction.result:
+            model.fail(tx, f"result {final.result!r}, the model says {prediction.result!r}")
+        elif state == "reverted":
+            failing = {s for s in plan.fail if s in prediction.invoked}
+            reported = {e.step for e in final.errors if e.action == "invoke"}
+            if not failing & reported:
+                model.fail(tx, f"errors name {sorted(reported)}, none of {sorted(failing)}")
+
+        # invoke attempts
+        attempts_check.checked += 1
+        layers = layers_of(plan.workflow)
+        level_of = {s: i for i, layer in enumerate(layers) for s in layer}
+        if set(by_step) != set(prediction.invoked):
+            attempts_check.fail(
+                tx, f"invoked {sorted(by_step)}, the model says {sorted(prediction.invoked)}"
+            )
+        for step, step_rows in by_step.items():
+            numbers = _numbers(step_rows)
+            if numbers != list(range(1, len(numbers) + 1)):
+                attempts_check.fail(tx, f"{step}: attempts {numbers} are not 1..n")
+                continue
+            cut = prediction.fail_level is not None and level_of[step] == prediction.fail_level
+            if plan.fail.get(step) == "permanent":
+                wanted = 1
+            elif plan.fail.get(step) == "exhaust":
+                wanted = MAX_RETRIES + 1
+            else:
+                wanted = plan.flaky.get(step, 0) + 1
+            if len(numbers) > wanted or (not cut and len(numbers) != wanted):
+                attempts_check.fail(tx, f"{step}: {len(numbers)} attempts, the model says {wanted}")
+
+        # compensations
+        if state == "done":
+            clean.checked += 1
+            if comps:
+                clean.fail(tx, f"compensated {sorted({r.step for r in comps})}")
+        if state == "reverted":
+            once.checked += 1
+            ok = {s: [r for r in rs if r.outcome == "ok"] for s, rs in comp_by_step.items()}
+            if set(comp_by_step) != set(by_step):
+                once.fail(
+                    tx,
+                    f"compensated {sorted(comp_by_step)} but invoked {sorted(by_step)}",
+                )
+            for step in by_step:
+                good = ok.get(step, [])
+                if len(good) != 1:
+                    once.fail(tx, f"{step}: {len(good)} successful compensations")
+                    continue
+                wanted = 2 if step in plan.comp_flaky else 1
+                numbers = _numbers(comp_by_step[step])
+                if numbers != list(range(1, wanted + 1)):
+                    once.fail(tx, f"{step}: compensation attempts {numbers}, wanted {wanted}")
+                done = any(r.outcome == "ok" for r in by_step[step])
+                payload = {"step": step, "output": prediction.outputs[step]} if done else None
+                if good[0].payload != payload:
+                    once.fail(tx, f"{step}: compensated with {good[0].payload!r}, not {payload!r}")
+
+            order.checked += 1
+            after = successors(plan.workflow)
+            for step, step_comps in comp_by_step.items():
+                begun = min(r.started for r in step_comps)
+                for later in after[step] & set(comp_by_step):
+                    ends = [r.ended for r in ok.get(later, []) if r.ended is not None]
+                    if not ends or min(ends) > begun:
+                        order.fail(
+                            tx, f"{step} compensation began before {later}'s compensation ended"
+                        )
+
+        if comps:
+            forward.checked += 1
+            rerun.checked += 1
+            began = min(r.started for r in comps)
+            late = [r for r in invokes if r.started > began]
+            if late:
+                forward.fail(tx, f"{late[0].step} #{late[0].attempt} started after compensation")
+            runs = [d for d in ledger.deliveries.get(tx, []) if d.action == "invoke"]
+            late_runs = [d for d in runs if d.started > began]
+            if late_runs:
+                d = late_runs[0]
+                rerun.fail(
+                    tx,
+                    f"{len(late_runs)} invoke run(s) after compensation began, e.g. {d.step} "
+                    f"#{d.attempt} (pid {d.pid}, {d.started - began:.3f} s after)",
+                )
+
+    every_attempt = [a for rows in ledger.attempts.values() for a in rows]
+    every_delivery = [d for rows in ledger.deliveries.values() for d in rows]
+    totals: dict[str, Any] = {
+        "transactions": len(plans),
+        "final states": dict(sorted(states.items())),
+        "effects (successful invokes)": sum(
+            1 for a in every_attempt if a.action == "invoke" and a.outcome == "ok"
+        ),
+        "compensations (successful)": sum(
+            1 for a in every_attempt if a.action == "compensate" and a.outcome == "ok"
+        ),
+        "attempts (invoke/compensate)": "{}/{}".format(
+            sum(1 for a in every_attempt if a.action == "invoke"),
+            sum(1 for a in every_attempt if a.action == "compensate"),
+        ),
+        "handler runs": len(every_delivery),
+        "duplicates delivered (runs - attempts)": len(every_delivery) - len(every_attempt),
+        "runs cut off (killed mid-handler)": sum(1 for d in every_delivery if d.ended is None),
+    }
+    totals.update(figures or {})
+    report = Report(totals, checks)
+    for check in checks:
+        for tx in list(check.failures)[:2]:
+            report.examples.setdefault(tx, _describe(tx, plans[tx], finals.get(tx), ledger))
+    return report
