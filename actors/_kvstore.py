@@ -60,7 +60,7 @@ class KvStore(Store):
         self._done = await self.transport.open_kv(f"{self.prefix}_done", replicas=self.replicas)
 
     @property
-    def live(self) -> KeyValue:
+    def live_bucket(self) -> KeyValue:
         if self._live is None:
             raise RuntimeError("KvStore.open() was not called")
         return self._live
@@ -85,7 +85,7 @@ class KvStore(Store):
     async def _fetch(self, key: str) -> tuple[Entry | None, Entry | None]:
         """The key's entries in the retained and the live bucket."""
         if not self.transport.waits_for_io:
-            return await self.done.get(key), await self.live.get(key)
+            return await self.done.get(key), await self.live_bucket.get(key)
         entries: list[Entry | None] = [None, None]  # one round trip for both buckets, not two
 
         async def fetch(i: int, bucket: KeyValue) -> None:
@@ -93,7 +93,7 @@ class KvStore(Store):
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(fetch, 0, self.done)
-            tg.start_soon(fetch, 1, self.live)
+            tg.start_soon(fetch, 1, self.live_bucket)
         return entries[0], entries[1]
 
     async def save(self, state: TxState) -> None:
@@ -103,9 +103,9 @@ class KvStore(Store):
         revision = self._revisions.get(tx)
         try:
             if revision is None:
-                self._revisions[tx] = await self.live.create(key, data)
+                self._revisions[tx] = await self.live_bucket.create(key, data)
             else:
-                self._revisions[tx] = await self.live.update(key, data, revision)
+                self._revisions[tx] = await self.live_bucket.update(key, data, revision)
         except (KeyExistsError, RevisionMismatchError) as exc:
             self._revisions.pop(tx, None)
             raise StoreConflictError(
@@ -122,15 +122,25 @@ class KvStore(Store):
             except KeyExistsError:  # finished again (a cancel after done): a fresh ttl
                 await self.done.delete(key)
                 await self.done.create(key, data, ttl=retention)
-        await self.live.delete(key)
+        await self.live_bucket.delete(key)
         self._revisions.pop(tx, None)
+
+    async def live(self) -> list[TxState]:
+        return await _states(self.live_bucket)
 
     async def list(self, workflow: str | None = None) -> list[TxState]:
         states: dict[str, TxState] = {}
-        for bucket in (self.done, self.live):  # live wins over a stale retained copy
-            for key in await bucket.keys():
-                entry = await bucket.get(key)
-                if entry is not None:
-                    state = _decoder.decode(entry.value)
-                    states[state.transaction_id] = state
+        for bucket in (self.done, self.live_bucket):  # live wins over a stale retained copy
+            for state in await _states(bucket):
+                states[state.transaction_id] = state
         return [s for s in states.values() if workflow is None or s.workflow == workflow]
+
+
+async def _states(bucket: KeyValue) -> list[TxState]:
+    """Every state in a bucket (a key deleted between listing and reading is left out)."""
+    states = []
+    for key in await bucket.keys():
+        entry = await bucket.get(key)
+        if entry is not None:
+            states.append(_decoder.decode(entry.value))
+    return states

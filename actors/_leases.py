@@ -197,6 +197,14 @@ class PartitionLeases:
         deadline = self._deadlines.get(partition)
         return deadline is not None and self._clock() < deadline
 
+    def writable(self, partition: int) -> bool:
+        """Whether this process may process and write ``partition`` now: like ``holds``, but
+        already while ``on_acquired`` runs (the lease is written, nobody else has it), so that
+        callback may resume the partition's work. False once the loss is known, and during
+        ``on_lost``."""
+        lease = self._leases.get(partition)
+        return lease is not None and lease.state != "releasing" and self._clock() < lease.deadline
+
     def check(self, partition: int) -> None:
         """Raise ``LeaseLostError`` unless ``holds(partition)``: call it right before a write."""
         if not self.holds(partition):

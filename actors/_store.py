@@ -36,6 +36,11 @@ class Store(ABC):
         """Move a finished transaction to the retained set for ``retention`` seconds."""
 
     @abstractmethod
+    async def live(self) -> list[TxState]:
+        """The live (unfinished) transactions: what a coordinator taking a partition over
+        must resume."""
+
+    @abstractmethod
     async def list(self, workflow: str | None = None) -> list[TxState]:
         """Live and retained transactions (of one workflow)."""
 
@@ -83,6 +88,9 @@ class MemoryStore(Store):
             self._expires_at.pop(tx, None)
         if len(self._expiry) > 1024 and self._expiry[0][0] <= self._clock():
             self._expire()
+
+    async def live(self) -> list[TxState]:
+        return list(self._live.values())
 
     async def list(self, workflow: str | None = None) -> list[TxState]:
         self._expire()

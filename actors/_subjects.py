@@ -9,7 +9,11 @@ from urllib.parse import unquote
 
 from transport import QueueConfig
 
-__all__ = ["Subjects", "token", "untoken"]
+__all__ = ["DEFAULT_ACK_WAIT", "Subjects", "token", "untoken"]
+
+DEFAULT_ACK_WAIT = 10.0
+"""Seconds a work-queue delivery may stay unsettled before it is delivered again. Executors
+report running handlers in progress, so only a dead process's deliveries wait this long."""
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-:]")
 
@@ -50,6 +54,10 @@ class Subjects:
 
     def tx(self, transaction_id: str) -> str:
         return f"{self.prefix}.tx.{self.partition(transaction_id)}"
+
+    def tx_partition(self, partition: int) -> str:
+        """The subject of every transaction of one partition."""
+        return f"{self.prefix}.tx.{partition}"
 
     def step(self, step: str) -> str:
         return f"{self.prefix}.step.{token(step)}"

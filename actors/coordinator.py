@@ -6,6 +6,7 @@ event, persists the new state, carries out the commands, and only then acks the 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from functools import partial
@@ -34,6 +35,7 @@ from orchestrator._transaction import (
     ParentLink,
     PublishHook,
     Reject,
+    Resume,
     SetTimer,
     StartChild,
     TimerFired,
@@ -44,8 +46,10 @@ from orchestrator._transaction import (
     to_result,
 )
 from orchestrator._types import LifecycleEvent, StepError
-from transport import Transport, WorkMsg
+from transport import Consumer, QueueConfig, Transport, TransportError, WorkMsg
 
+from ._kvstore import StoreConflictError
+from ._leases import LeaseLostError, PartitionLeases
 from ._store import Store
 from ._subjects import Subjects
 from ._system import Actor, ActorSystem, Directive
@@ -65,7 +69,12 @@ __all__ = ["CoordinatorActor", "CoordinatorHost", "Watcher"]
 log = structlog.get_logger("orchestrator.coordinator")
 
 MAX_RESTARTS = 3
-"""Restarts of a coordinator actor whose turns keep failing before it stops for good."""
+"""Restarts in a row of a coordinator actor whose turns keep failing (for another reason than
+the transport or the store being unavailable) before it stops for good."""
+
+_PASSING = (TransportError, StoreConflictError, OSError)
+"""Failures that say nothing about the transaction: the store or the network was unavailable,
+or another owner wrote first. The actor restarts from the store as often as it takes."""
 
 Watcher = Callable[[str, TxState], None]
 """Called with ``("finish" | "suspend", state)`` by the host, in process."""
@@ -83,6 +92,7 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
         self.workflow = workflow
         self.transaction_id = transaction_id
         self.event_subject = host.subjects.event(workflow, transaction_id)
+        self.partition = host.subjects.partition(transaction_id)
         self.state: TxState | None = None
         self.graph: Graph | None = None
         self.loaded = False
@@ -96,7 +106,17 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
         # Supervision: the turn's effects are lost with the in-memory state; the actor restarts
         # from the last persisted state and the messages come again (queued ones redelivered by
         # the transport, in-process ones re-told), a few times, then the actor stops for good.
-        self.failures += 1
+        if isinstance(exc, LeaseLostError):
+            # Fenced: another coordinator owns the partition now. Its messages go there at once.
+            log.info("partition lost; transaction handed over", transaction=self.transaction_id)
+            for _, work in messages:
+                if work is not None:
+                    with contextlib.suppress(Exception):
+                        await work.nak()
+            self.host._forget(self)
+            return Directive.STOP
+        if not isinstance(exc, _PASSING):
+            self.failures += 1
         giving_up = self.failures > MAX_RESTARTS
         log.error(
             "coordinator failed",
@@ -107,7 +127,8 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
         )
         for msg, work in messages:
             if work is not None:
-                await (work.term() if giving_up else work.nak(delay=0.5))
+                with contextlib.suppress(Exception):  # unsettled, it comes back after ack_wait
+                    await (work.term() if giving_up else work.nak(delay=0.5))
             elif not giving_up:
                 self.mailbox.send((msg, None))
         if giving_up:
@@ -118,6 +139,8 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
     async def on_restart(self) -> None:
         self.loaded = False
         self.state = None
+        # The failed turn may have persisted its state and lost its commands: send them again.
+        self.mailbox.send((self.host.resume_message(self.workflow, self.transaction_id), None))
 
     def idle(self) -> bool:
         # Passivate when the transaction only waits (async steps, timers) or is over: the state
@@ -196,8 +219,10 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
             # Persist first, then let anything out: whoever hears an event finds the state that
             # produced it (a finished transaction is persisted by moving it to the retained set).
             if any(isinstance(c, Finished) for c in commands):
+                host.fence(self.partition)
                 await host.retire(state)
             elif not finished and (initial is None or state.version != initial.version):
+                host.fence(self.partition)
                 await host.store.save(state)
             await host.execute(state, commands)
             if answer_parent:
@@ -240,6 +265,7 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
             await host.reply(subject, reply)
         for work in acks:
             await work.ack()
+        self.failures = 0
 
     def _event(
         self,
@@ -299,7 +325,12 @@ class CoordinatorHost:
         subjects: Subjects,
         retention: float = 86400.0,
         clock: Callable[[], float] = time.time,
+        leases: PartitionLeases | None = None,
+        queue: QueueConfig | None = None,
     ) -> None:
+        """Without ``leases`` the host owns every partition (local mode, one coordinator); with
+        them it consumes and runs only the partitions it holds a lease on, taking them over
+        (:meth:`acquire`) and handing them back (:meth:`release`) as the leases come and go."""
         self.transport = transport
         self.store = store
         self.system = system
@@ -307,23 +338,78 @@ class CoordinatorHost:
         self.subjects = subjects
         self.retention = retention
         self.clock = clock
+        self.leases = leases
+        self.queue = queue or subjects.work_queue_config()
         self.actors: dict[str, CoordinatorActor] = {}
         self.watchers: dict[str, list[Watcher]] = {}
         self.timers = Timers(self._fire_timer, clock)
+        self.consumers: dict[int, Consumer] = {}
         self._step_subjects: dict[str, str] = {}
 
     async def start(self) -> None:
-        """Create the work queue (idempotent), start consuming and arm the timer task."""
+        """Create the work queue (idempotent), arm the timer task and start consuming: every
+        partition at once, or (with leases) each one as its lease is acquired."""
         transport = self.transport
-        await transport.ensure_queue(self.subjects.work_queue_config())
+        await transport.ensure_queue(self.queue)
         self.system.start_soon(self.timers.run, name="coordinator timers")
-        p = self.subjects.prefix
-        await transport.consume(
-            self.subjects.work_queue,
-            "coordinator-tx",
-            f"{p}.tx.*",
+        if self.leases is None:
+            await transport.consume(
+                self.subjects.work_queue,
+                "coordinator-tx",
+                f"{self.subjects.prefix}.tx.*",
+                self._on_work,
+                max_in_flight=4096,
+            )
+
+    # -- partitions (with leases)
+    async def acquire(self, partition: int) -> None:
+        """Take a partition over: resume its live transactions, then consume its messages.
+
+        Resuming loads each transaction (which re-arms its timers) and sends again the commands
+        of its attempts in flight: its last owner may have died between persisting a state and
+        sending what it implied.
+        """
+        subjects = self.subjects
+        live = [
+            s for s in await self.store.live() if subjects.partition(s.transaction_id) == partition
+        ]
+        for state in live:
+            self.route(self.resume_message(state.workflow, state.transaction_id), None)
+        self.consumers[partition] = await self.transport.consume(
+            subjects.work_queue,
+            f"coordinator-tx-{partition}",
+            subjects.tx_partition(partition),
             self._on_work,
-            max_in_flight=4096,
+            max_in_flight=max(64, 4096 // subjects.partitions),
+        )
+        log.info("partition acquired", partition=partition, resumed=len(live))
+
+    async def release(self, partition: int) -> None:
+        """Stop running a partition (its lease is lost or handed over): stop consuming it and
+        drop its actors; their queued messages go back to the queue for the new owner."""
+        consumer = self.consumers.pop(partition, None)
+        if consumer is not None:
+            with contextlib.suppress(Exception):  # disconnected: the server forgets us anyway
+                await consumer.stop()
+        for actor in [a for a in self.actors.values() if a.partition == partition]:
+            actor.stop()
+            self._forget(actor)
+            for _, work in actor.mailbox.drain():
+                if work is not None:
+                    with contextlib.suppress(Exception):
+                        await work.nak()
+        log.info("partition released", partition=partition)
+
+    def fence(self, partition: int) -> None:
+        """Raise ``LeaseLostError`` unless this host may still write the partition's state."""
+        leases = self.leases
+        if leases is not None and not leases.writable(partition):
+            raise LeaseLostError(f"partition {partition} is no longer leased to this coordinator")
+
+    def resume_message(self, workflow: str, transaction_id: str) -> TxEvent:
+        """The in-process message that makes a transaction's actor resume (see ``Resume``)."""
+        return TxEvent(
+            workflow=workflow, transaction_id=transaction_id, event=Resume(now=self.clock())
         )
 
     # -- routing
@@ -345,9 +431,34 @@ class CoordinatorHost:
         tx = msg.transaction_id
         actor = self.actors.get(tx)
         if actor is None:
-            actor = self.actors[tx] = CoordinatorActor(self, msg.workflow, tx)
+            actor = CoordinatorActor(self, msg.workflow, tx)
+            leases = self.leases
+            if leases is not None and not leases.writable(actor.partition):
+                # Not ours (any more): a late timer, or a delivery of a partition just lost.
+                if work is not None:
+                    self.system.start_soon(work.nak)
+                return
+            self.actors[tx] = actor
             self.system.spawn(actor)
         actor.tell((msg, work))
+
+    def route_start(self, msg: StartWorkflow, work: WorkMsg | None) -> None:
+        """A start from the gateway: run it here if its partition is ours, else hand it to the
+        partition's owner through the partition subject (and only then ack it)."""
+        leases = self.leases
+        if leases is None or leases.writable(self.subjects.partition(msg.transaction_id)):
+            self.route(msg, work)
+        else:
+            self.system.dispatcher.submit(self._forward_start, msg, work)
+
+    async def _forward_start(self, msg: StartWorkflow, work: WorkMsg | None) -> None:
+        await self.transport.enqueue(
+            self.subjects.tx(msg.transaction_id),
+            encode_message(msg),
+            msg_id=f"{msg.transaction_id}:start",
+        )
+        if work is not None:
+            await work.ack()
 
     def _forget(self, actor: CoordinatorActor) -> None:
         if self.actors.get(actor.transaction_id) is actor:

@@ -11,7 +11,12 @@ import msgspec
 import structlog
 
 from orchestrator._codec import decode, encode_value
-from orchestrator._errors import PermanentFailure, StepOutputError, StepTimeoutError
+from orchestrator._errors import (
+    PermanentFailure,
+    StepDeliveryError,
+    StepOutputError,
+    StepTimeoutError,
+)
 from orchestrator._step import SkipStep, Step, StepContext, StepResponse, _HandlerSpec
 from orchestrator._transaction import StepDone, StepFailed, error_from_exception
 from orchestrator._types import StepError
@@ -21,12 +26,16 @@ from ._subjects import Subjects
 from ._system import ActorSystem
 from .messages import AbortStep, StepCommand, TxEvent, decode_message, encode_message
 
-__all__ = ["DEFAULT_IN_FLIGHT", "ExecutorHost", "StepExecutor"]
+__all__ = ["DEFAULT_IN_FLIGHT", "DEFAULT_MAX_DELIVER", "ExecutorHost", "StepExecutor"]
 
 log = structlog.get_logger("orchestrator.executor")
 
 DEFAULT_IN_FLIGHT = 1024
 """Un-acked commands a step executor takes at once when the step sets no ``concurrency``."""
+
+DEFAULT_MAX_DELIVER = 5
+"""Deliveries of one step command (one attempt) before the step fails for good: a handler that
+crashes or kills its worker every time must not be redelivered forever."""
 
 _Key = tuple[str, str, int]
 
@@ -75,14 +84,21 @@ class StepExecutor:
         if not isinstance(cmd, StepCommand):
             await work.term()
             return
+        host = self.host
+        working = host.working
+        working.add(work)  # the heartbeat keeps it ours while the handler runs
         try:
-            event = await self.invoke(cmd)
+            if work.num_delivered > host.max_deliver:
+                event: StepDone | StepFailed = _undeliverable(cmd, host, work.num_delivered)
+            else:
+                event = await self.invoke(cmd)
         except anyio.get_cancelled_exc_class():
             # The worker is stopping: hand the command back at once rather than after ack_wait.
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 await work.nak()
             raise
-        host = self.host
+        finally:
+            working.discard(work)
         await host.transport.enqueue(
             cmd.reply_subject,
             encode_message(
@@ -237,6 +253,17 @@ def _classify(cmd: StepCommand, result: Any, now: float) -> StepDone | StepFaile
     )
 
 
+def _undeliverable(cmd: StepCommand, host: ExecutorHost, delivered: int) -> StepFailed:
+    """The attempt came back too often: every worker that took it died before answering."""
+    message = (
+        f"step {cmd.step!r} ({cmd.action}, attempt {cmd.attempt}) was delivered {delivered} "
+        f"times and no worker answered: each one crashed, was killed or stopped while the "
+        f"handler ran; giving up after max_deliver={host.max_deliver}"
+    )
+    log.error("step command undeliverable", step=cmd.step, transaction=cmd.transaction_id)
+    return _failed(cmd, host.clock(), _error(cmd, StepDeliveryError.__name__, message), True)
+
+
 def _error(cmd: StepCommand, kind: str, message: str) -> StepError:
     """An error of the attempt ``cmd`` asked for."""
     return StepError(
@@ -279,14 +306,25 @@ class ExecutorHost:
         limits: Mapping[str, int | None] | None = None,
         concurrency: int | None = None,
         clock: Callable[[], float] = time.time,
+        ack_wait: float = 30.0,
+        max_deliver: int = DEFAULT_MAX_DELIVER,
     ) -> None:
         """``steps`` maps step name -> workflow name -> definition; ``limits`` the per-step
-        ``concurrency``; ``concurrency`` caps the steps that set none."""
+        ``concurrency``; ``concurrency`` caps the steps that set none. ``ack_wait`` is the work
+        queue's: a running handler's command is reported in progress every third of it, so only
+        a dead worker's commands are delivered again. ``max_deliver``: deliveries of one attempt
+        before the step fails for good with ``StepDeliveryError``."""
+        if max_deliver < 1:
+            raise ValueError(f"max_deliver must be at least 1, not {max_deliver}")
         self.transport = transport
         self.system = system
         self.subjects = subjects
         self.container = container
         self.clock = clock
+        self.ack_wait = ack_wait
+        self.max_deliver = max_deliver
+        self.working: set[WorkMsg] = set()
+        """The deliveries whose handlers run now."""
         self.executors: dict[str, StepExecutor] = {}
         self.consumers: list[Consumer] = []
         limits = limits or {}
@@ -308,6 +346,18 @@ class ExecutorHost:
                 )
             )
         await self.transport.subscribe(f"{self.subjects.prefix}.ctl.*", self._on_control)
+        self.system.start_soon(self._heartbeat, name="executor heartbeat")
+
+    async def _heartbeat(self) -> None:
+        """Report every running command in progress, a few times per ``ack_wait``."""
+        while True:
+            await anyio.sleep(self.ack_wait / 3)
+            for work in list(self.working):
+                try:
+                    await work.in_progress()
+                except Exception as exc:  # disconnected: the redelivery is then the remedy
+                    log.warning("in-progress report failed", subject=work.subject, error=str(exc))
+                    break
 
     async def stop(self) -> None:
         """Take no more commands (before the running ones are cancelled and handed back, so they

@@ -19,6 +19,7 @@ from ._errors import CompositionError as CompositionError
 from ._errors import ConfigurationError as ConfigurationError
 from ._errors import OrchestratorError as OrchestratorError
 from ._errors import PermanentFailure as PermanentFailure
+from ._errors import StepDeliveryError as StepDeliveryError
 from ._errors import StepNotAwaitingError as StepNotAwaitingError
 from ._errors import StepOutputError as StepOutputError
 from ._errors import StepTimeoutError as StepTimeoutError
@@ -56,6 +57,7 @@ __all__ = [
     "Step",
     "StepConfig",
     "StepContext",
+    "StepDeliveryError",
     "StepError",
     "StepInfo",
     "StepNotAwaitingError",

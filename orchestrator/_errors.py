@@ -12,6 +12,7 @@ __all__ = [
     "ConfigurationError",
     "OrchestratorError",
     "PermanentFailure",
+    "StepDeliveryError",
     "StepNotAwaitingError",
     "StepOutputError",
     "StepTimeoutError",
@@ -63,6 +64,11 @@ class StepTimeoutError(OrchestratorError, TimeoutError):
 
 class WorkflowTimeoutError(OrchestratorError, TimeoutError):
     """A workflow ran longer than its ``timeout``; it was compensated."""
+
+
+class StepDeliveryError(OrchestratorError):
+    """A step command was delivered ``max_deliver`` times and no worker ever answered it: each
+    one crashed, was killed or stopped while the handler ran. The step fails for good."""
 
 
 class StepOutputError(OrchestratorError, TypeError):

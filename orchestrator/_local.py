@@ -101,7 +101,11 @@ class LocalEngine(EngineAPI):
             }
             coordinator = await stack.enter_async_context(
                 Coordinator(
-                    self.workflows.values(), store=self.store, retention=self.retention, **common
+                    self.workflows.values(),
+                    store=self.store,
+                    retention=self.retention,
+                    lease_ttl=None,  # one process, one coordinator: every partition is ours
+                    **common,
                 )
             )
             await stack.enter_async_context(

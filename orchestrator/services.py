@@ -8,6 +8,8 @@ connected transport and the workflows they serve; neither keeps a global registr
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -18,10 +20,13 @@ from actors import (
     ExecutorHost,
     Gateway,
     KvStore,
+    PartitionLeases,
     Store,
     Subjects,
 )
 from actors._gateway import DEFAULT_MAX_PAYLOAD
+from actors._subjects import DEFAULT_ACK_WAIT
+from actors.executor import DEFAULT_MAX_DELIVER
 from transport import Transport
 
 from ._composer import Workflow
@@ -29,7 +34,10 @@ from ._errors import ConfigurationError
 from ._step import Step, as_container
 
 __all__ = [
+    "DEFAULT_ACK_WAIT",
+    "DEFAULT_LEASE_TTL",
     "DEFAULT_LOG_AGE",
+    "DEFAULT_MAX_DELIVER",
     "DEFAULT_RETENTION",
     "Coordinator",
     "Worker",
@@ -42,6 +50,15 @@ DEFAULT_RETENTION = 86400.0
 
 DEFAULT_LOG_AGE = 86400.0
 """Seconds lifecycle events and hook payloads are kept in their streams: one day."""
+
+DEFAULT_LEASE_TTL = 5.0
+"""Seconds a coordinator's partition lease lives without renewal: a coordinator that dies loses
+its partitions to the others within about this long."""
+
+
+def service_id(kind: str) -> str:
+    """A unique name for one service process: kind, host, process id and a random part."""
+    return f"{kind}-{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
 
 
 def collect_workflows(workflows: Iterable[Workflow]) -> dict[str, Workflow]:
@@ -104,8 +121,11 @@ class _Service:
 class Coordinator(_Service):
     """Runs transactions: ``async with Coordinator(workflows, transport=t):``.
 
-    It owns every partition (partition leases and failover between coordinators come with the
-    fault-tolerance work).
+    Coordinators share the partitions through leases in the ``<prefix>_leases`` bucket: each
+    runs the transactions of the partitions it holds, a coordinator that stops renewing its
+    leases (it died, or lost NATS) loses them within ``lease_ttl`` seconds, and the others take
+    them over; joining or leaving rebalances them. ``lease_ttl=None``: no leases, this
+    coordinator owns every partition (a single coordinator, as in local mode).
     """
 
     def __init__(
@@ -121,13 +141,23 @@ class Coordinator(_Service):
         system: ActorSystem | None = None,
         log_age: float = DEFAULT_LOG_AGE,
         replicas: int = 1,
+        lease_ttl: float | None = DEFAULT_LEASE_TTL,
+        ack_wait: float = DEFAULT_ACK_WAIT,
+        name: str | None = None,
     ) -> None:
         """``store`` defaults to the key-value store on ``transport``; ``system`` to an actor
         system of its own (LocalEngine shares one between its coordinator and its worker);
         ``log_age``: seconds the event and hook streams keep their messages; ``replicas``:
         copies a NATS cluster keeps of the work queue, the streams and the buckets this
-        coordinator creates (existing ones keep theirs)."""
+        coordinator creates (existing ones keep theirs); ``ack_wait``: the work queue's
+        redelivery time (give workers the same); ``name``: this coordinator's unique name among
+        its peers (default: host, process id and a random part)."""
         super().__init__()
+        if lease_ttl is not None and not lease_ttl >= 1:
+            raise ConfigurationError(f"lease_ttl must be at least 1 second, not {lease_ttl}")
+        self.lease_ttl = lease_ttl
+        self.ack_wait = ack_wait
+        self.name = name or service_id("coordinator")
         self.log_age = log_age
         self.replicas = replicas
         self._system = system
@@ -141,6 +171,7 @@ class Coordinator(_Service):
         self.max_payload = max_payload
         self.store: Store = store or KvStore(transport, prefix=prefix, replicas=replicas)
         self.host: CoordinatorHost | None = None
+        self.leases: PartitionLeases | None = None
 
     async def __aenter__(self) -> Coordinator:
         async def setup(stack: contextlib.AsyncExitStack) -> None:
@@ -149,9 +180,6 @@ class Coordinator(_Service):
                 await self.transport.ensure_log(
                     name, subjects, max_age=self.log_age, replicas=self.replicas
                 )
-            await self.transport.ensure_queue(
-                self.subjects.work_queue_config(replicas=self.replicas)
-            )
             system = self._system
             if system is None:
                 system = await stack.enter_async_context(ActorSystem())
@@ -162,15 +190,35 @@ class Coordinator(_Service):
                 graphs=self.graphs,
                 subjects=self.subjects,
                 retention=self.retention,
+                queue=self.subjects.work_queue_config(
+                    ack_wait=self.ack_wait, replicas=self.replicas
+                ),
             )
+            leases = None
+            if self.lease_ttl is not None:
+                leases = host.leases = PartitionLeases(
+                    self.transport,
+                    bucket=f"{self.subjects.names}_leases",
+                    partitions=self.subjects.partitions,
+                    owner=self.name,
+                    on_acquired=host.acquire,
+                    on_lost=host.release,
+                    ttl=self.lease_ttl,
+                )
             await host.start()
+            if leases is not None:
+                await leases.open()
+                system.start_soon(leases.run, name="partition leases")
+                # Leaving: hand the partitions over at once (before the actor system stops).
+                stack.push_async_callback(leases.release)
+            self.leases = leases
             gateway = Gateway(
                 transport=self.transport,
                 system=system,
                 store=self.store,
                 graphs=self.graphs,
                 subjects=self.subjects,
-                route=host.route,
+                route=host.route_start,
                 max_payload=self.max_payload,
                 clock=host.clock,
             )
@@ -185,6 +233,7 @@ class Coordinator(_Service):
         host = self.host
         return {
             "workflows": sorted(self.workflows),
+            "partitions": [] if self.leases is None else sorted(self.leases.owned),
             "active_transactions": 0 if host is None else len(host.actors),
             "timers": 0 if host is None else len(host.timers),
             "uptime_s": round(time.time() - self.started_at, 3) if self.started_at else 0.0,
@@ -209,10 +258,18 @@ class Worker(_Service):
         partitions: int = 16,
         system: ActorSystem | None = None,
         replicas: int = 1,
+        ack_wait: float = DEFAULT_ACK_WAIT,
+        max_deliver: int = DEFAULT_MAX_DELIVER,
     ) -> None:
         """``replicas``: copies a NATS cluster keeps of the work queue, if this worker creates
-        it."""
+        it; ``ack_wait``: the work queue's redelivery time (give coordinators the same);
+        ``max_deliver``: deliveries of one step attempt (its worker died each time) before the
+        step fails for good with ``StepDeliveryError``."""
         super().__init__()
+        if max_deliver < 1:
+            raise ConfigurationError(f"max_deliver must be at least 1, not {max_deliver}")
+        self.ack_wait = ack_wait
+        self.max_deliver = max_deliver
         self._system = system
         self.replicas = replicas
         self.workflows = collect_workflows(workflows)
@@ -235,7 +292,7 @@ class Worker(_Service):
     async def __aenter__(self) -> Worker:
         async def setup(stack: contextlib.AsyncExitStack) -> None:
             await self.transport.ensure_queue(
-                self.subjects.work_queue_config(replicas=self.replicas)
+                self.subjects.work_queue_config(ack_wait=self.ack_wait, replicas=self.replicas)
             )
             system = self._system
             if system is None:
@@ -248,6 +305,8 @@ class Worker(_Service):
                 subjects=self.subjects,
                 container=self.container,
                 concurrency=self.concurrency,
+                ack_wait=self.ack_wait,
+                max_deliver=self.max_deliver,
             )
             await host.start()
             stack.push_async_callback(host.stop)  # runs before the actor system is left

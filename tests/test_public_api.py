@@ -19,6 +19,7 @@ EXPECTED = {
     "Step",
     "StepConfig",
     "StepContext",
+    "StepDeliveryError",
     "StepError",
     "StepInfo",
     "StepNotAwaitingError",
