@@ -275,9 +275,10 @@ async def serve(args: argparse.Namespace) -> None:
         "prefix": args.prefix,
         "partitions": args.partitions,
         "replicas": args.replicas,
-        "ack_wait": args.ack_wait,
-        "lease_ttl": args.lease_ttl,
+        "ack_wait": args.ack_wait,  # the same for coordinators and workers
     }
+    coordinator_options = {**options, "lease_ttl": args.lease_ttl}
+    worker_options = {**options, "max_deliver": args.max_deliver}
     connection = {
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 0.25,
@@ -290,14 +291,14 @@ async def serve(args: argparse.Namespace) -> None:
         workflows = list(WORKFLOWS.values())
         if args.role == "coordinator":
             service = Coordinator(
-                workflows, transport=transport, **_supported(Coordinator, options)
+                workflows, transport=transport, **_supported(Coordinator, coordinator_options)
             )
         else:
             service = Worker(
                 workflows,
                 transport=transport,
                 container={"ledger": Ledger(args.ledger)},
-                **_supported(Worker, options),
+                **_supported(Worker, worker_options),
             )
         async with service:
             print("ready", flush=True)
@@ -314,6 +315,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--replicas", type=int, default=None, help="stream/bucket replicas")
     parser.add_argument("--ack-wait", type=float, default=None, help="work-queue ack_wait (s)")
     parser.add_argument("--lease-ttl", type=float, default=None, help="partition lease ttl (s)")
+    parser.add_argument(
+        "--max-deliver",
+        type=int,
+        default=None,
+        help="worker: deliveries of one step attempt before it fails for good",
+    )
     return parser.parse_args(argv)
 
 

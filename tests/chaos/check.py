@@ -3,7 +3,9 @@
 A :class:`Plan` per transaction says which steps fail for good, which flake and which
 compensations flake; :func:`predict` says what must happen; :func:`check_run` compares the
 ledger (what the step handlers did) and the final states (what the coordinators say) with it,
-and returns a :class:`Report` with the figures of the run.
+and returns a :class:`Report` with the figures of the run. :func:`check_resources` checks the
+streams and buckets the run left behind (:class:`Resources`, collected by the harness once the
+services have settled): nothing grows without bound.
 """
 
 from __future__ import annotations
@@ -177,6 +179,8 @@ class Check:
     name: str
     checked: int = 0
     failures: dict[str, str] = field(default_factory=dict)
+    unit: str = "transactions"
+    """What ``checked`` counts (failures are keyed by one of them)."""
 
     @property
     def ok(self) -> bool:
@@ -191,6 +195,8 @@ class Report:
     figures: dict[str, Any]
     checks: list[Check]
     examples: dict[str, str] = field(default_factory=dict)
+    sections: dict[str, list[str]] = field(default_factory=dict)
+    """Further titled blocks of lines (the resource sizes), printed after the figures."""
 
     @property
     def ok(self) -> bool:
@@ -203,10 +209,14 @@ class Report:
         lines = ["chaos run:"]
         width = max(len(k) for k in self.figures)
         lines += [f"  {k:<{width}}  {v}" for k, v in self.figures.items()]
+        for title, block in self.sections.items():
+            lines.append(f"{title}:")
+            lines.extend(f"  {line}" for line in block)
         lines.append("checks:")
         for check in self.checks:
             verdict = "ok" if check.ok else f"FAILED for {len(check.failures)}"
-            lines.append(f"  [{verdict}] {check.name} ({check.checked} transactions checked)")
+            unit = check.unit.removesuffix("s") if check.checked == 1 else check.unit
+            lines.append(f"  [{verdict}] {check.name} ({check.checked} {unit} checked)")
             for tx, message in list(check.failures.items())[:examples]:
                 lines.append(f"      {tx}: {message}")
                 lines.extend("        " + x for x in self.examples.get(tx, "").splitlines())
@@ -246,8 +256,11 @@ def check_run(
     finals: dict[str, WorkflowResult | None],
     ledger: LedgerData,
     figures: dict[str, Any] | None = None,
+    resources: Resources | None = None,
 ) -> Report:
-    """Every check of the chaos test over one run; ``figures`` are added to the report's."""
+    """Every check of the chaos test over one run; ``figures`` are added to the report's, and
+    ``resources`` (the streams and buckets at the end) get the checks of
+    :func:`check_resources`."""
     lost = Check("every transaction final (0 lost)")
     model = Check("final state and result as the model predicts")
     attempts_check = Check("invoke attempts as the model predicts")
@@ -390,7 +403,157 @@ def check_run(
     }
     totals.update(figures or {})
     report = Report(totals, checks)
+    if resources is not None:
+        finished = {tx for tx, r in finals.items() if r is not None and r.state.finished}
+        report.checks += check_resources(resources, set(plans), finished)
+        report.sections["streams and buckets at the end"] = resources.describe()
     for check in checks:
         for tx in list(check.failures)[:2]:
             report.examples.setdefault(tx, _describe(tx, plans[tx], finals.get(tx), ledger))
     return report
+
+
+# --- the streams and buckets at the end ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamSize:
+    """What the harness read of one JetStream stream (``stream_info``)."""
+
+    name: str
+    retention: str
+    """``workqueue``, ``limits`` or ``interest``."""
+    messages: int
+    bytes: int
+    max_age: float
+    """Seconds (0: no age limit)."""
+    max_msgs_per_subject: int
+    allow_msg_ttl: bool
+    live_keys: int | None = None
+    """For a bucket: the keys with a value (delete markers left out)."""
+    some_keys: tuple[str, ...] = ()
+    """For a bucket: a few of those keys (examples)."""
+
+
+@dataclass
+class Resources:
+    """The streams and buckets of one deployment prefix after the run, as the harness read
+    them once the services had settled (or its deadline passed)."""
+
+    work: str
+    events: str
+    hooks: str
+    live: str
+    done: str
+    leases: str
+    """The stream names (a bucket ``b`` is the stream ``KV_b``)."""
+    partitions: int
+    members: int
+    """Coordinators of the run: each holds one member key in the leases bucket."""
+    streams: dict[str, StreamSize] = field(default_factory=dict)
+    """Name -> size; a stream that could not be read is missing (see ``errors``)."""
+    done_keys: list[str] = field(default_factory=list)
+    """The live keys of the done bucket."""
+    done_ttls: dict[str, str | None] = field(default_factory=dict)
+    """Some done keys -> the ``Nats-TTL`` header of their entry (None: no header)."""
+    waited: float = 0.0
+    """Seconds the harness waited for the services to settle."""
+    settled: bool = False
+    """Whether the settling conditions (work queue empty, no live transaction, leases within
+    bounds) held before the deadline."""
+    errors: list[str] = field(default_factory=list)
+
+    def describe(self) -> list[str]:
+        lines = [
+            f"{'settled' if self.settled else 'NOT settled'} after {self.waited:.1f} s "
+            "(work queue empty, no live transaction, leases within partitions + members)"
+        ]
+        width = max((len(n) for n in self.streams), default=0)
+        for name in (self.work, self.events, self.hooks, self.live, self.done, self.leases):
+            size = self.streams.get(name)
+            if size is None:
+                lines.append(f"{name:<{width}}  (not read)")
+                continue
+            age = f"max_age {size.max_age:g} s" if size.max_age else "no max_age"
+            keys = "" if size.live_keys is None else f", {size.live_keys} live keys"
+            lines.append(
+                f"{name:<{width}}  {size.retention}, {size.messages} msgs, {size.bytes} bytes"
+                f"{keys}, {age}"
+            )
+        ttls = Counter(str(ttl) for ttl in self.done_ttls.values())
+        sample = ", ".join(f"{n} with {ttl}" for ttl, n in sorted(ttls.items())) or "none read"
+        lines.append(f"{self.done} entries sampled for their Nats-TTL (s): {sample}")
+        lines.extend(f"error: {e}" for e in self.errors)
+        return lines
+
+
+def check_resources(
+    resources: Resources, transactions: set[str], finished: set[str]
+) -> list[Check]:
+    """Nothing grows without bound: the work queue is a work queue and empty, no live
+    transaction is left, the done bucket has one entry per finished transaction with a ttl,
+    the leases bucket holds a key per partition and member at most, and the event and hook
+    streams have an age limit. ``transactions``: every transaction id of the run (as bucket
+    keys, which they are for the harness's ids); ``finished``: those found final."""
+    r = resources
+    streams = r.streams
+    checks: list[Check] = []
+
+    def check(name: str, stream: str) -> tuple[Check, StreamSize | None]:
+        c = Check(name, unit="streams")
+        c.checked = 1
+        checks.append(c)
+        size = streams.get(stream)
+        if size is None:
+            c.fail(stream, "could not be read: " + ("; ".join(r.errors) or "missing"))
+        return c, size
+
+    work, size = check("work queue: a work-queue stream, 0 messages left", r.work)
+    if size is not None:
+        if size.retention != "workqueue":
+            work.fail(r.work, f"retention {size.retention}, not workqueue")
+        elif size.messages:
+            work.fail(r.work, f"{size.messages} messages left ({size.bytes} bytes)")
+
+    live, size = check("live bucket: no live transaction left", r.live)
+    if size is not None and size.live_keys:
+        live.fail(
+            r.live,
+            f"{size.live_keys} live keys ({size.messages} messages), e.g. {list(size.some_keys)}",
+        )
+    elif size is not None and size.live_keys is None:
+        live.fail(r.live, "its keys could not be listed")
+
+    done, size = check("done bucket: one entry per finished transaction, each with a ttl", r.done)
+    if size is not None:
+        keys = set(r.done_keys)
+        strangers = sorted(keys - transactions)
+        missing = sorted(finished - keys)
+        untimed = sorted(k for k, ttl in r.done_ttls.items() if not ttl)
+        if size.messages > len(transactions):
+            done.fail(r.done, f"{size.messages} messages for {len(transactions)} transactions")
+        elif size.max_msgs_per_subject != 1:
+            done.fail(r.done, f"max_msgs_per_subject {size.max_msgs_per_subject}, not 1")
+        elif strangers:
+            done.fail(r.done, f"{len(strangers)} keys of no transaction, e.g. {strangers[0]}")
+        elif missing:
+            done.fail(r.done, f"{len(missing)} finished transactions missing, e.g. {missing[0]}")
+        elif not size.allow_msg_ttl:
+            done.fail(r.done, "the stream does not allow per-message ttls")
+        elif keys and not r.done_ttls:
+            done.fail(r.done, "no entry could be read to see its ttl")
+        elif untimed:
+            done.fail(r.done, f"{len(untimed)} sampled entries have no Nats-TTL, e.g. {untimed[0]}")
+
+    leases, size = check("leases bucket: at most partitions + members live keys", r.leases)
+    bound = r.partitions + r.members
+    if size is not None and size.live_keys is None:
+        leases.fail(r.leases, "its keys could not be listed")
+    elif size is not None and size.live_keys is not None and size.live_keys > bound:
+        leases.fail(r.leases, f"{size.live_keys} live keys, more than {bound}")
+
+    for stream in (r.events, r.hooks):
+        logs, size = check(f"{stream}: limits retention with a max_age", stream)
+        if size is not None and (size.retention != "limits" or not size.max_age > 0):
+            logs.fail(stream, f"retention {size.retention}, max_age {size.max_age}")
+    return checks

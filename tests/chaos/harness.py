@@ -4,8 +4,10 @@ It starts a nats-server (file storage, ``sync_interval: always``), or a three-no
 loopback with ``--cluster``, two coordinator and three worker processes (``app.py``), submits
 the workflows through a client at a bounded rate, and meanwhile kills (SIGKILL) a random worker
 every ~2 s, a coordinator every ~5 s and the nats-server (or one cluster node) a few times,
-restarting each at once. Then it waits until every transaction is final (or a deadline) and runs
-the checks of ``check.py`` over the ledger, the final states and the model::
+restarting each at once. Then it waits until every transaction is final (or a deadline), waits
+for the services to settle (the work queue empty, no live transaction; again under a deadline),
+reads the sizes of the streams and buckets, and runs the checks of ``check.py`` over the ledger,
+the final states, the model and those sizes::
 
     python -m tests.chaos.harness --workflows 2000 --duration 120 [--cluster]
 
@@ -33,12 +35,13 @@ import nats
 from anyio.abc import Process, TaskGroup
 from anyio.streams.text import TextReceiveStream
 
+from actors import Subjects
 from orchestrator import TransactionNotFoundError, WorkflowResult, connect
 from orchestrator._client import Client
-from transport import NatsServer
+from transport import KeyValue, NatsServer, NatsTransport
 
 from .app import open_ledger
-from .check import Plan, Report, check_run, make_plan, read_ledger
+from .check import Plan, Report, Resources, StreamSize, check_run, make_plan, read_ledger
 
 APP = Path(__file__).with_name("app.py")
 PREFIX = "chaos"
@@ -75,8 +78,16 @@ class ChaosConfig:
     """Seconds to wait, after the faults, for every transaction to be final."""
     start_timeout: float = 60.0
     """Seconds one start may take, retries included (the server may be down)."""
-    ack_wait: float | None = None
-    lease_ttl: float | None = None
+    ack_wait: float | None = 3.0
+    """The work queue's ack_wait, the same for coordinators and workers (None: the services'
+    default); short, so a killed worker's step commands come back quickly."""
+    lease_ttl: float | None = 2.0
+    """The coordinators' partition lease ttl (None: their default); short, for quick failover."""
+    max_deliver: int | None = None
+    """Workers: deliveries of one step attempt before it fails for good (None: their default)."""
+    resource_timeout: float = 60.0
+    """Seconds to wait, once every transaction is final, for the services to settle before the
+    streams and buckets are measured."""
     workdir: Path | None = None
     """Where the ledger and logs go (default: a temporary directory, removed afterwards)."""
     p_fail: float = 0.2
@@ -165,6 +176,102 @@ async def stream_replicas(urls: list[str], names: list[str]) -> dict[str, int | 
     finally:
         await nc.close()
     return found
+
+
+# --- the streams and buckets at the end ------------------------------------------------------
+
+
+async def measure_resources(
+    urls: list[str], *, partitions: int, members: int, timeout: float
+) -> Resources:
+    """The streams and buckets of ``PREFIX`` once the services have settled: poll (under
+    ``timeout``) until the work queue is empty, no live transaction is left and the leases
+    bucket holds no more than a key per partition and member (a killed coordinator's keys
+    expire after the lease ttl), then read the done bucket too."""
+    subjects = Subjects(PREFIX, partitions)
+    names = subjects.names
+    events, hooks = subjects.logs
+    buckets = {"live": f"{names}_tx", "done": f"{names}_done", "leases": f"{names}_leases"}
+    resources = Resources(
+        work=subjects.work_queue,
+        events=events,
+        hooks=hooks,
+        live=f"KV_{buckets['live']}",
+        done=f"KV_{buckets['done']}",
+        leases=f"KV_{buckets['leases']}",
+        partitions=partitions,
+        members=members,
+    )
+    began = time.monotonic()
+    async with NatsTransport(urls, name="chaos-inspector", **CONNECTION) as transport:
+        js = transport.nats_client.jetstream()
+        kv: dict[str, KeyValue] = {}
+
+        async def size(stream: str, bucket: str | None = None) -> StreamSize:
+            info = await js.stream_info(stream)
+            config, state = info.config, info.state
+            keys: list[str] | None = None
+            if bucket is not None:
+                if bucket not in kv:
+                    kv[bucket] = await transport.open_kv(bucket)  # as the services open it
+                keys = sorted(await kv[bucket].keys())
+            retention = config.retention
+            return StreamSize(
+                name=stream,
+                retention=str(getattr(retention, "value", retention)),
+                messages=state.messages,
+                bytes=state.bytes,
+                max_age=config.max_age or 0.0,
+                max_msgs_per_subject=config.max_msgs_per_subject,
+                allow_msg_ttl=bool(config.allow_msg_ttl),
+                live_keys=None if keys is None else len(keys),
+                some_keys=tuple((keys or [])[:3]),
+            )
+
+        async def read_all() -> dict[str, StreamSize]:
+            found = {
+                resources.work: await size(resources.work),
+                events: await size(events),
+                hooks: await size(hooks),
+            }
+            for bucket in buckets.values():
+                found[f"KV_{bucket}"] = await size(f"KV_{bucket}", bucket)
+            return found
+
+        def settled(found: dict[str, StreamSize]) -> bool:
+            leases = found[resources.leases].live_keys or 0
+            return (
+                found[resources.work].messages == 0
+                and found[resources.live].live_keys == 0
+                and leases <= partitions + members
+            )
+
+        last_error = None
+        with anyio.move_on_after(timeout):
+            for _ in range(int(timeout * 10) + 10):  # bounded in count too
+                try:
+                    resources.streams = await read_all()
+                    last_error = None
+                    if settled(resources.streams):
+                        resources.settled = True
+                        break
+                except Exception as exc:  # the server is slow or a cluster node still catching up
+                    last_error = f"{type(exc).__name__}: {exc}"
+                await anyio.sleep(0.5)  # polling a condition, under the deadline above
+        resources.waited = time.monotonic() - began
+        if last_error is not None:
+            resources.errors.append(last_error)
+        with anyio.move_on_after(30):
+            try:
+                resources.done_keys = await kv[buckets["done"]].keys()
+                for key in sorted(resources.done_keys)[:20]:  # a sample: each entry's own ttl
+                    raw = await js.get_msg(
+                        resources.done, subject=f"$KV.{buckets['done']}.{key}", direct=True
+                    )
+                    resources.done_ttls[key] = (raw.headers or {}).get("Nats-TTL")
+            except Exception as exc:
+                resources.errors.append(f"reading the done bucket: {type(exc).__name__}: {exc}")
+    return resources
 
 
 # --- service processes ---------------------------------------------------------------------
@@ -421,12 +528,16 @@ async def _run(run: Run, replicas: int) -> Report:
         common += ["--replicas", str(replicas)]
     if config.ack_wait is not None:
         common += ["--ack-wait", str(config.ack_wait)]
+    coordinator_args = list(common)
     if config.lease_ttl is not None:
-        common += ["--lease-ttl", str(config.lease_ttl)]
+        coordinator_args += ["--lease-ttl", str(config.lease_ttl)]
+    worker_args = list(common)
+    if config.max_deliver is not None:
+        worker_args += ["--max-deliver", str(config.max_deliver)]
     for i in range(config.coordinators):
-        run.services.append(Service("coordinator", i, common, run.workdir / "logs"))
+        run.services.append(Service("coordinator", i, coordinator_args, run.workdir / "logs"))
     for i in range(config.workers):
-        run.services.append(Service("worker", i, common, run.workdir / "logs"))
+        run.services.append(Service("worker", i, worker_args, run.workdir / "logs"))
 
     figures: dict[str, Any] = {}
     try:
@@ -462,6 +573,12 @@ async def _run(run: Run, replicas: int) -> Report:
                         run, client, time.monotonic() + config.settle_timeout
                     )
                     settled = time.monotonic()
+                    resources = await measure_resources(
+                        run.urls,
+                        partitions=config.partitions,
+                        members=config.coordinators,
+                        timeout=config.resource_timeout,
+                    )
                     if replicas > 1:
                         names = [f"{PREFIX.upper()}_WORK", f"KV_{PREFIX}_tx", f"KV_{PREFIX}_done"]
                         figures["stream replicas"] = await stream_replicas(run.urls, names)
@@ -488,7 +605,7 @@ async def _run(run: Run, replicas: int) -> Report:
     if run.start_failures:
         tx, why = next(iter(run.start_failures.items()))
         figures["first start failure"] = f"{tx}: {why}"
-    return check_run(run.plans, finals, read_ledger(ledger), figures)
+    return check_run(run.plans, finals, read_ledger(ledger), figures, resources)
 
 
 async def _kill_all(services: list[Service]) -> None:
@@ -515,8 +632,25 @@ def parse(argv: list[str]) -> ChaosConfig:
     parser.add_argument("--partitions", type=int, default=defaults.partitions)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--settle-timeout", type=float, default=defaults.settle_timeout)
-    parser.add_argument("--ack-wait", type=float, default=None)
-    parser.add_argument("--lease-ttl", type=float, default=None)
+    parser.add_argument(
+        "--ack-wait",
+        type=float,
+        default=defaults.ack_wait,
+        help="work-queue ack_wait of coordinators and workers (s); 0: the services' default",
+    )
+    parser.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=defaults.lease_ttl,
+        help="the coordinators' partition lease ttl (s); 0: the services' default",
+    )
+    parser.add_argument(
+        "--max-deliver",
+        type=int,
+        default=defaults.max_deliver,
+        help="workers: deliveries of one step attempt before it fails for good",
+    )
+    parser.add_argument("--resource-timeout", type=float, default=defaults.resource_timeout)
     parser.add_argument("--workdir", type=Path, default=None, help="keep ledger and logs here")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = parser.parse_args(argv)
@@ -534,8 +668,10 @@ def parse(argv: list[str]) -> ChaosConfig:
         partitions=args.partitions,
         seed=args.seed,
         settle_timeout=args.settle_timeout,
-        ack_wait=args.ack_wait,
-        lease_ttl=args.lease_ttl,
+        ack_wait=args.ack_wait or None,
+        lease_ttl=args.lease_ttl or None,
+        max_deliver=args.max_deliver,
+        resource_timeout=args.resource_timeout,
         workdir=args.workdir,
     )
 
