@@ -18,10 +18,11 @@ from orchestrator._errors import (
     StepTimeoutError,
 )
 from orchestrator._step import SkipStep, Step, StepContext, StepResponse, _HandlerSpec
-from orchestrator._transaction import StepDone, StepFailed, error_from_exception
+from orchestrator._transaction import StepDone, StepFailed, error_from_exception, is_outstanding
 from orchestrator._types import StepError
 from transport import Consumer, Msg, Transport, WorkMsg
 
+from ._store import Store
 from ._subjects import Subjects
 from ._system import ActorSystem
 from .messages import AbortStep, StepCommand, TxEvent, decode_message, encode_message
@@ -85,6 +86,12 @@ class StepExecutor:
             await work.term()
             return
         host = self.host
+        if work.num_delivered > 1 and not await host.outstanding(cmd):
+            # Delivered again (its worker died before acking) but already answered: a step whose
+            # result is recorded never runs again.
+            log.info("answered step command dropped", step=cmd.step, transaction=cmd.transaction_id)
+            await work.ack()
+            return
         working = host.working
         working.add(work)  # the heartbeat keeps it ours while the handler runs
         try:
@@ -308,12 +315,15 @@ class ExecutorHost:
         clock: Callable[[], float] = time.time,
         ack_wait: float = 30.0,
         max_deliver: int = DEFAULT_MAX_DELIVER,
+        store: Store | None = None,
     ) -> None:
         """``steps`` maps step name -> workflow name -> definition; ``limits`` the per-step
         ``concurrency``; ``concurrency`` caps the steps that set none. ``ack_wait`` is the work
         queue's: a running handler's command is reported in progress every third of it, so only
         a dead worker's commands are delivered again. ``max_deliver``: deliveries of one attempt
-        before the step fails for good with ``StepDeliveryError``."""
+        before the step fails for good with ``StepDeliveryError``. ``store``: where the
+        transactions are (read only), to drop a command delivered again whose attempt was
+        answered meanwhile (without one, every delivery runs)."""
         if max_deliver < 1:
             raise ValueError(f"max_deliver must be at least 1, not {max_deliver}")
         self.transport = transport
@@ -323,6 +333,7 @@ class ExecutorHost:
         self.clock = clock
         self.ack_wait = ack_wait
         self.max_deliver = max_deliver
+        self.store = store
         self.working: set[WorkMsg] = set()
         """The deliveries whose handlers run now."""
         self.executors: dict[str, StepExecutor] = {}
@@ -347,6 +358,13 @@ class ExecutorHost:
             )
         await self.transport.subscribe(f"{self.subjects.prefix}.ctl.*", self._on_control)
         self.system.start_soon(self._heartbeat, name="executor heartbeat")
+
+    async def outstanding(self, cmd: StepCommand) -> bool:
+        """Whether the transaction still waits for the answer to ``cmd``."""
+        if self.store is None:
+            return True
+        state = await self.store.read(cmd.transaction_id)
+        return state is not None and is_outstanding(state, cmd.step, cmd.action, cmd.attempt)
 
     async def _heartbeat(self) -> None:
         """Report every running command in progress, a few times per ``ack_wait``."""

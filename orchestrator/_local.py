@@ -113,6 +113,7 @@ class LocalEngine(EngineAPI):
                     self.workflows.values(),
                     container=self.container,
                     concurrency=self.concurrency,
+                    store=self.store,
                     **common,
                 )
             )

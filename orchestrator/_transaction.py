@@ -48,6 +48,7 @@ __all__ = [
     "apply",
     "apply_all",
     "error_from_exception",
+    "is_outstanding",
     "is_settled",
     "new_state",
     "to_result",
@@ -1151,6 +1152,20 @@ class _Machine(Resolver):
 
 
 # ------------------------------------------------------------------------------------ views
+def is_outstanding(state: TxState, step: str, action: str, attempt: int) -> bool:
+    """Whether ``attempt`` of ``action`` of ``step`` still runs: the transaction waits for its
+    handler's answer. A command delivered again for anything else (answered, superseded, or
+    of a finished transaction) must not run again."""
+    if state.status in _FINAL:
+        return False
+    record = state.steps.get(step)
+    if record is None or not record.running:
+        return False
+    if action == INVOKE:
+        return record.state == INVOKING and record.attempt == attempt
+    return record.comp == COMPENSATING and record.comp_attempt == attempt
+
+
 def is_settled(graph: Graph, state: TxState) -> bool:
     """True when only async work remains (``run`` may return with state ``invoking``).
 

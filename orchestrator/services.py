@@ -260,16 +260,20 @@ class Worker(_Service):
         replicas: int = 1,
         ack_wait: float = DEFAULT_ACK_WAIT,
         max_deliver: int = DEFAULT_MAX_DELIVER,
+        store: Store | None = None,
     ) -> None:
         """``replicas``: copies a NATS cluster keeps of the work queue, if this worker creates
         it; ``ack_wait``: the work queue's redelivery time (give coordinators the same);
         ``max_deliver``: deliveries of one step attempt (its worker died each time) before the
-        step fails for good with ``StepDeliveryError``."""
+        step fails for good with ``StepDeliveryError``; ``store``: where the coordinators keep
+        the transactions (default: the key-value store on ``transport``), read to drop a step
+        command delivered again whose result is already recorded."""
         super().__init__()
         if max_deliver < 1:
             raise ConfigurationError(f"max_deliver must be at least 1, not {max_deliver}")
         self.ack_wait = ack_wait
         self.max_deliver = max_deliver
+        self.store: Store = store or KvStore(transport, prefix=prefix, replicas=replicas)
         self._system = system
         self.replicas = replicas
         self.workflows = collect_workflows(workflows)
@@ -291,6 +295,7 @@ class Worker(_Service):
 
     async def __aenter__(self) -> Worker:
         async def setup(stack: contextlib.AsyncExitStack) -> None:
+            await self.store.open()
             await self.transport.ensure_queue(
                 self.subjects.work_queue_config(ack_wait=self.ack_wait, replicas=self.replicas)
             )
@@ -307,6 +312,7 @@ class Worker(_Service):
                 concurrency=self.concurrency,
                 ack_wait=self.ack_wait,
                 max_deliver=self.max_deliver,
+                store=self.store,
             )
             await host.start()
             stack.push_async_callback(host.stop)  # runs before the actor system is left

@@ -226,7 +226,7 @@ async def test_a_worker_can_do_its_job(server: NatsServer) -> None:
         # service does on start) finds it as is.
         await ct.ensure_queue(SUBJECTS.work_queue_config())
         await wt.ensure_queue(SUBJECTS.work_queue_config())
-        await ct.consume(WORK, "coordinator-tx", "orch.tx.*", take_result)
+        await ct.consume(WORK, "coordinator-tx-0", "orch.tx.0", take_result)
         await wt.subscribe("orch.ctl.*", aborts)
         await wt.consume(
             WORK, "step-charge", SUBJECTS.step("charge"), lambda w: tasks.start_soon(run_step, w)
@@ -261,9 +261,12 @@ async def test_a_worker_cannot_command_steps_or_take_the_coordinators_work(
         await worker_errors.wait_for_violation("orch.step.charge")
         await worker.publish("orch.start.checkout", b"{}")
         await worker_errors.wait_for_violation("orch.start.checkout")
-        pull = f"$JS.API.CONSUMER.MSG.NEXT.{WORK}.coordinator-tx"
-        await worker.publish(pull, b'{"batch": 1}', reply=worker.new_inbox())
-        await worker_errors.wait_for_violation(pull)
+        for durable in ("coordinator-tx-0", "coordinator-tx-15", "gateway-start"):
+            pull = f"$JS.API.CONSUMER.MSG.NEXT.{WORK}.{durable}"
+            await worker.publish(pull, b'{"batch": 1}', reply=worker.new_inbox())
+            await worker_errors.wait_for_violation(pull)
+        await worker.publish("$KV.orch_tx.forged", b"state")
+        await worker_errors.wait_for_violation("$KV.orch_tx.forged")
         await worker.subscribe("orch.api.*", queue="orch-gateway")
         await worker_errors.wait_for_violation("orch.api.*")
         # Nothing got into the work queue (the refused publishes came before the last refusal).
