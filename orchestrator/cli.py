@@ -100,7 +100,14 @@ from ._errors import (
 from ._graph import Graph, Node
 from ._local import LocalEngine
 from ._types import LifecycleEvent, StepState, TransactionState, WorkflowResult
-from .services import DEFAULT_RETENTION, Coordinator, Worker
+from .services import (
+    DEFAULT_ACK_WAIT,
+    DEFAULT_LEASE_TTL,
+    DEFAULT_MAX_DELIVER,
+    DEFAULT_RETENTION,
+    Coordinator,
+    Worker,
+)
 
 __all__ = [
     "App",
@@ -1089,12 +1096,41 @@ _log_format_option = typer.Option(
 _log_level_option = typer.Option(
     "--log-level", envvar="ORCH_LOG_LEVEL", metavar="LEVEL", help="debug, info, warning, error."
 )
+_ack_wait_option = typer.Option(
+    "--ack-wait",
+    envvar="ORCH_ACK_WAIT",
+    metavar="SECONDS",
+    min=1,
+    help="Redeliver work a dead service left unsettled after this long; give coordinators and "
+    f"workers the same (default: {DEFAULT_ACK_WAIT:g}).",
+    show_default=False,
+)
+_replicas_option = typer.Option(
+    "--replicas",
+    envvar="ORCH_REPLICAS",
+    metavar="N",
+    min=1,
+    max=5,
+    help="Copies a NATS cluster keeps of the streams and buckets this service creates "
+    "(default: 1; 3 on a three-node cluster).",
+    show_default=False,
+)
 _app_argument = typer.Argument(
     metavar="APP",
     help="MODULE (its workflows, make_container() or container) or MODULE:ATTR (a workflow, a "
     "list of them, or an object with `workflows` and optional container/make_container).",
     show_default=False,
 )
+
+
+def _queue_options(ack_wait: float | None, replicas: int | None) -> dict[str, Any]:
+    """The work-queue options both services take, as given on the command line."""
+    options: dict[str, Any] = {}
+    if ack_wait is not None:
+        options["ack_wait"] = ack_wait
+    if replicas is not None:
+        options["replicas"] = replicas
+    return options
 
 
 def _load(spec: str) -> App:
@@ -1137,6 +1173,20 @@ def coordinator(
             show_default=False,
         ),
     ] = None,
+    lease_ttl: Annotated[
+        float | None,
+        typer.Option(
+            "--lease-ttl",
+            envvar="ORCH_LEASE_TTL",
+            metavar="SECONDS",
+            min=1,
+            help="A coordinator that stops renewing its partition leases (it died) loses them "
+            f"to the others after this long (default: {DEFAULT_LEASE_TTL:g}).",
+            show_default=False,
+        ),
+    ] = None,
+    ack_wait: Annotated[float | None, _ack_wait_option] = None,
+    replicas: Annotated[int | None, _replicas_option] = None,
     log_format: Annotated[LogFormat, _log_format_option] = LogFormat.JSON,
     log_level: Annotated[str, _log_level_option] = "info",
     *,
@@ -1154,6 +1204,9 @@ def coordinator(
         options["retention"] = retention
     if max_payload is not None:
         options["max_payload"] = max_payload
+    if lease_ttl is not None:
+        options["lease_ttl"] = lease_ttl
+    options.update(_queue_options(ack_wait, replicas))
 
     async def build(transport: NatsTransport) -> Coordinator:
         return Coordinator(
@@ -1201,6 +1254,20 @@ def worker(
             "Default: the APP's make_container() or container.",
         ),
     ] = None,
+    max_deliver: Annotated[
+        int | None,
+        typer.Option(
+            "--max-deliver",
+            envvar="ORCH_MAX_DELIVER",
+            metavar="N",
+            min=1,
+            help="A step whose worker dies under it this many times fails for good "
+            f"(default: {DEFAULT_MAX_DELIVER}).",
+            show_default=False,
+        ),
+    ] = None,
+    ack_wait: Annotated[float | None, _ack_wait_option] = None,
+    replicas: Annotated[int | None, _replicas_option] = None,
     log_format: Annotated[LogFormat, _log_format_option] = LogFormat.JSON,
     log_level: Annotated[str, _log_level_option] = "info",
     *,
@@ -1213,6 +1280,9 @@ def worker(
     """
     level = _check_level(log_level)
     served = _load(spec)
+    options = _queue_options(ack_wait, replicas)
+    if max_deliver is not None:
+        options["max_deliver"] = max_deliver
 
     async def build(transport: NatsTransport) -> Worker:
         return Worker(
@@ -1223,6 +1293,7 @@ def worker(
             concurrency=concurrency,
             prefix=nats.prefix,
             partitions=nats.partitions,
+            **options,
         )
 
     metadata = _metadata(nats.prefix, nats.partitions, served)

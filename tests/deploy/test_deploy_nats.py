@@ -384,10 +384,12 @@ def compose_services() -> dict[str, Any]:
 
 
 def service_env(server: NatsServer, service: dict[str, Any]) -> dict[str, str]:
-    """The service's compose environment, pointed at the test server with the test password."""
+    """The service's compose environment, pointed at the test server with the test password
+    (one server here, not the compose file's three nodes: so one replica)."""
     env = {k: str(v) for k, v in service["environment"].items()}
     role = env["ORCH_USER"]
-    env.update(ORCH_SERVERS=server.url, ORCH_PASSWORD=PASSWORDS[role])
+    assert env["ORCH_REPLICAS"] == "3"
+    env.update(ORCH_SERVERS=server.url, ORCH_PASSWORD=PASSWORDS[role], ORCH_REPLICAS="1")
     return {**os.environ, **env}
 
 
