@@ -1,6 +1,8 @@
-"""The app of the worker fault tests: a step that crashes its worker, hangs once, or runs long.
+"""The app of the fault tests: a step that crashes its worker, hangs once, runs long, or fails
+once and is retried after a while.
 
-Run as a worker: ``python fault_app.py URL PREFIX RUNS ACK_WAIT MAX_DELIVER``. Every handler run
+Run as a service: ``python fault_app.py worker|coordinator URL PREFIX RUNS ACK_WAIT MAX_DELIVER
+LEASE_TTL``. Every handler run
 appends ``<transaction> <step> <action> <attempt>`` to the file ``RUNS`` (and prints it) before
 it does anything else, so a run cut off by a kill still shows.
 """
@@ -13,8 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from anyio.abc import Process
+from anyio.streams.text import TextReceiveStream
 
 from orchestrator import StepContext, create_step, create_workflow
+
+RETRY_INTERVAL = 2.0
+"""Seconds before the retry of ``f-flaky``: long enough to kill a coordinator meanwhile."""
 
 
 def record(ctx: StepContext) -> int:
@@ -56,8 +63,16 @@ async def work(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     return {"worked": mode, "runs": runs}
 
 
+async def flaky(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    record(ctx)
+    if ctx.attempt == 1:
+        raise RuntimeError("the first attempt fails; the retry comes after retry_interval")
+    return {"attempt": ctx.attempt}
+
+
 reserve_step = create_step("f-reserve", reserve, release)
 work_step = create_step("f-work", work)
+flaky_step = create_step("f-flaky", flaky, max_retries=1, retry_interval=RETRY_INTERVAL)
 
 
 @create_workflow("fault-order")
@@ -65,25 +80,69 @@ def fault_order(input: Any) -> Any:
     return work_step(reserve_step(input))
 
 
-async def serve(url: str, prefix: str, runs: str, ack_wait: float, max_deliver: int) -> None:
-    from orchestrator.services import Worker
+@create_workflow("fault-retry")
+def fault_retry(input: Any) -> Any:
+    return flaky_step(reserve_step(input))
+
+
+WORKFLOWS = [fault_order, fault_retry]
+
+
+async def serve(role: str, url: str, prefix: str, runs: str, *settings: str) -> None:
+    from orchestrator.services import Coordinator, Worker
     from transport import NatsTransport
 
-    async with (
-        NatsTransport(url, name="fault-worker") as transport,
-        Worker(
-            [fault_order],
-            transport=transport,
-            prefix=prefix,
-            container={"runs": runs},
-            ack_wait=ack_wait,
-            max_deliver=max_deliver,
-        ),
-    ):
-        print("ready", flush=True)
-        await anyio.sleep_forever()
+    ack_wait, max_deliver, lease_ttl = float(settings[0]), int(settings[1]), float(settings[2])
+    async with NatsTransport(url, name=f"fault-{role}") as transport:
+        service: Coordinator | Worker
+        if role == "coordinator":
+            service = Coordinator(
+                WORKFLOWS,
+                transport=transport,
+                prefix=prefix,
+                ack_wait=ack_wait,
+                lease_ttl=lease_ttl,
+            )
+        else:
+            service = Worker(
+                WORKFLOWS,
+                transport=transport,
+                prefix=prefix,
+                container={"runs": runs},
+                ack_wait=ack_wait,
+                max_deliver=max_deliver,
+            )
+        async with service:
+            print("ready", flush=True)
+            await anyio.sleep_forever()
+
+
+async def start_service(
+    role: str,
+    url: str,
+    prefix: str,
+    runs: Path,
+    *,
+    ack_wait: float,
+    max_deliver: int = 5,
+    lease_ttl: float = 1.0,
+) -> Process:
+    """Start this app as a service process and wait (with a deadline) until it serves."""
+    settings = [str(ack_wait), str(max_deliver), str(lease_ttl)]
+    proc = await anyio.open_process(
+        [sys.executable, __file__, role, url, prefix, str(runs), *settings]
+    )
+    assert proc.stdout is not None
+    try:
+        with anyio.fail_after(30):
+            async for text in TextReceiveStream(proc.stdout):
+                if "ready" in text:
+                    return proc
+    except BaseException:
+        proc.kill()
+        raise
+    raise RuntimeError(f"the {role} did not start")
 
 
 if __name__ == "__main__":
-    url, prefix, runs, ack_wait, max_deliver = sys.argv[1:]
-    anyio.run(serve, url, prefix, runs, float(ack_wait), int(max_deliver))
+    anyio.run(serve, *sys.argv[1:])

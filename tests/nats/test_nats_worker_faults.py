@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import anyio
 import pytest
 from anyio.abc import Process
 from anyio.streams.text import TextReceiveStream
-from fault_app import fault_order, runs_of
+from fault_app import WORKFLOWS, runs_of, start_service
 
 from orchestrator import TransactionState
 from orchestrator._client import Client
@@ -25,7 +24,6 @@ from transport import NatsServer, NatsTransport
 
 pytestmark = [pytest.mark.anyio, pytest.mark.nats]
 
-APP = Path(__file__).with_name("fault_app.py")
 ACK_WAIT = 1.0
 MAX_DELIVER = 3
 _prefixes = itertools.count(1)
@@ -43,15 +41,16 @@ class Stack:
 
     async def worker(self) -> Process:
         """Start a worker process and wait until it serves."""
-        args = [self.server.url, self.prefix, str(self.runs), str(ACK_WAIT), str(MAX_DELIVER)]
-        proc = await anyio.open_process([sys.executable, str(APP), *args])
+        proc = await start_service(
+            "worker",
+            self.server.url,
+            self.prefix,
+            self.runs,
+            ack_wait=ACK_WAIT,
+            max_deliver=MAX_DELIVER,
+        )
         self.workers.append(proc)
-        assert proc.stdout is not None
-        with anyio.fail_after(30):
-            async for text in TextReceiveStream(proc.stdout):
-                if "ready" in text:
-                    return proc
-        raise RuntimeError("the worker did not start")
+        return proc
 
     @staticmethod
     async def wait_for_run(proc: Process, run: str) -> None:
@@ -71,7 +70,7 @@ async def stack(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Stack]
     prefix = f"wf{next(_prefixes)}"
     async with (
         NatsTransport(nats_server.url, name="fault-coordinator") as transport,
-        Coordinator([fault_order], transport=transport, prefix=prefix, ack_wait=ACK_WAIT) as coord,
+        Coordinator(WORKFLOWS, transport=transport, prefix=prefix, ack_wait=ACK_WAIT) as coord,
         Client(NatsTransport(nats_server.url), prefix=prefix) as client,
     ):
         assert coord.leases is not None
