@@ -8,6 +8,7 @@ to ``<prefix>_done`` with a per-key ttl (the retention).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import anyio
 import msgspec
@@ -17,11 +18,12 @@ from transport import Entry, KeyExistsError, KeyValue, RevisionMismatchError, Tr
 
 from ._store import Store
 
-__all__ = ["KvStore", "StoreConflictError", "kv_key"]
+__all__ = ["KvStore", "StoreConflictError", "kv_key", "transaction_id_of"]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(TxState)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
+_ESCAPE = re.compile(r"(?:=[0-9A-F]{2})+")
 
 
 class StoreConflictError(Exception):
@@ -33,6 +35,13 @@ def kv_key(transaction_id: str) -> str:
     if _UNSAFE.search(transaction_id) is None:
         return transaction_id
     return _UNSAFE.sub(lambda m: "".join(f"={b:02X}" for b in m.group().encode()), transaction_id)
+
+
+def transaction_id_of(key: str) -> str:
+    """The transaction id a bucket key stands for (the inverse of :func:`kv_key`)."""
+    if "=" not in key:
+        return key
+    return _ESCAPE.sub(lambda m: bytes.fromhex(m.group().replace("=", "")).decode(), key)
 
 
 def _newest(done: Entry | None, live: Entry | None) -> TxState | None:
@@ -125,8 +134,10 @@ class KvStore(Store):
         await self.live_bucket.delete(key)
         self._revisions.pop(tx, None)
 
-    async def live(self) -> list[TxState]:
-        return await _states(self.live_bucket)
+    async def live(self, where: Callable[[str], bool] | None = None) -> list[TxState]:
+        # Only the keys that pass are read: a takeover of one partition reads its own share.
+        keep = None if where is None else (lambda key: where(transaction_id_of(key)))
+        return await _states(self.live_bucket, keep)
 
     async def list(self, workflow: str | None = None) -> list[TxState]:
         states: dict[str, TxState] = {}
@@ -136,10 +147,13 @@ class KvStore(Store):
         return [s for s in states.values() if workflow is None or s.workflow == workflow]
 
 
-async def _states(bucket: KeyValue) -> list[TxState]:
-    """Every state in a bucket (a key deleted between listing and reading is left out)."""
+async def _states(bucket: KeyValue, keep: Callable[[str], bool] | None = None) -> list[TxState]:
+    """Every state in a bucket whose key passes ``keep`` (a key deleted between listing and
+    reading is left out)."""
     states = []
     for key in await bucket.keys():
+        if keep is not None and not keep(key):
+            continue
         entry = await bucket.get(key)
         if entry is not None:
             states.append(_decoder.decode(entry.value))

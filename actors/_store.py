@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from orchestrator._transaction import TxState
 
@@ -36,9 +37,9 @@ class Store(ABC):
         """Move a finished transaction to the retained set for ``retention`` seconds."""
 
     @abstractmethod
-    async def live(self) -> list[TxState]:
-        """The live (unfinished) transactions: what a coordinator taking a partition over
-        must resume."""
+    async def live(self, where: Callable[[str], bool] | None = None) -> list[TxState]:
+        """The live (unfinished) transactions whose id passes ``where`` (default: all): what a
+        coordinator taking a partition over must resume."""
 
     @abstractmethod
     async def list(self, workflow: str | None = None) -> list[TxState]:
@@ -89,8 +90,8 @@ class MemoryStore(Store):
         if len(self._expiry) > 1024 and self._expiry[0][0] <= self._clock():
             self._expire()
 
-    async def live(self) -> list[TxState]:
-        return list(self._live.values())
+    async def live(self, where: Callable[[str], bool] | None = None) -> list[TxState]:
+        return [s for tx, s in self._live.items() if where is None or where(tx)]
 
     async def list(self, workflow: str | None = None) -> list[TxState]:
         self._expire()

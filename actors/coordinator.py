@@ -370,9 +370,7 @@ class CoordinatorHost:
         sending what it implied.
         """
         subjects = self.subjects
-        live = [
-            s for s in await self.store.live() if subjects.partition(s.transaction_id) == partition
-        ]
+        live = await self.store.live(lambda tx: subjects.partition(tx) == partition)
         for state in live:
             self.route(self.resume_message(state.workflow, state.transaction_id), None)
         self.consumers[partition] = await self.transport.consume(
