@@ -218,13 +218,13 @@ class Gateway:
                 input=msgspec.msgpack.decode(start.input),
                 context=msgspec.msgpack.decode(start.context),
             )
-            await self.transport.enqueue(
+            stored = await self.transport.enqueue(
                 self.subjects.start(start.workflow),
                 msgspec.msgpack.encode(request),
                 headers={"Content-Type": MSGPACK},
                 msg_id=start.transaction_id,
             )
-            return ApiReply(ok=True, transaction_id=start.transaction_id)
+            return ApiReply(ok=True, transaction_id=start.transaction_id, duplicate=not stored)
         if verb == "get":
             get = decode_request(msg.data, GetRequest, encoding)
             state = await self.store.read(get.transaction_id)

@@ -281,6 +281,7 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
             if self.state is not None:  # a duplicate start: attach, never run twice
                 if work is not None:
                     acks.append(work)
+                later.append(host.announce(self.state))
                 return None
             graph = host.graphs.get(msg.workflow)
             if graph is None:
@@ -668,6 +669,32 @@ class CoordinatorHost:
         self._forget_tx(msg.transaction_id)
         if work is not None:
             await work.term()
+
+    async def announce(self, state: TxState) -> None:
+        """A start of a transaction that exists: say on its event subject how it ended (or that
+        it only waits), for whoever started it again and waits; a running one says so itself."""
+        graph = self.graphs.get(state.workflow)
+        if state.status in _FINAL:
+            kind = "finish"
+        elif graph is not None and graph.has_async and is_settled(graph, state):
+            kind = "suspend"
+        else:
+            return
+        subject = self.subjects.event(state.workflow, state.transaction_id)
+        if not self.transport.has_interest(subject):
+            return
+        summary = to_result(state, graph)
+        await self.publish_event(
+            LifecycleEvent(
+                type=kind,
+                workflow=state.workflow,
+                transaction_id=state.transaction_id,
+                timestamp=self.clock(),
+                state=state.status,
+                result=summary.result if kind == "finish" else None,
+                summary=summary,
+            )
+        )
 
     async def publish_event(self, event: LifecycleEvent) -> None:
         """Publish a lifecycle event (JSON, for any subscriber)."""

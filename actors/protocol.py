@@ -76,6 +76,10 @@ class ApiReply(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     ok: bool
     transaction_id: str | None = None
+    duplicate: bool = False
+    """``start``: a start of this transaction id came moments ago (this one was dropped); the
+    transaction may have run already: ask ``get``. Otherwise its events tell how it goes (a start
+    of a transaction that exists answers with its ``finish``, or ``suspend``, event)."""
     state: str | None = None
     settled: bool = False
     result: WorkflowResult | None = None

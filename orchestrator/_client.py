@@ -76,8 +76,10 @@ class Client(EngineAPI):
         name = self._workflow_name(workflow)
         tx = transaction_id or new_transaction_id(name)
         async with self._watch(tx) as box:
-            await self._send_start(name, tx, input, context)
-            result = await self._until(tx, box, timeout, settle=True)
+            fresh = await self._send_start(name, tx, input, context)
+            # A fresh start is answered by events (its run's, or the finish of an earlier run
+            # of the same id); a deduplicated one may have finished already: ask first.
+            result = await self._until(tx, box, timeout, settle=True, ask=not fresh)
         if result_from is not None:
             result = await self._get(tx, result_from)
         if throw_on_error and result.state in (TransactionState.REVERTED, TransactionState.FAILED):
@@ -100,7 +102,8 @@ class Client(EngineAPI):
 
     async def _send_start(
         self, workflow: str, tx: str, input: Any, context: Mapping[str, Any] | None
-    ) -> None:
+    ) -> bool:
+        """Start ``tx``; whether the start was fresh (not a duplicate of one moments ago)."""
         # Through the API, not straight onto the start subject: the gateway checks the request
         # (workflow known, input encodable, size) and says what is wrong before anything runs.
         request = StartRequest(
@@ -108,7 +111,7 @@ class Client(EngineAPI):
         )
         self._started[tx] = workflow
         try:
-            await self._call("start", request)
+            answer = await self._call("start", request)
         except TypeError as exc:
             self._started.pop(tx, None)
             raise ConfigurationError(
@@ -117,6 +120,7 @@ class Client(EngineAPI):
         except BaseException:
             self._started.pop(tx, None)
             raise
+        return not answer.duplicate
 
     async def wait(self, transaction_id: str, *, timeout: float | None = None) -> WorkflowResult:
         """Wait until the transaction is finished; its result (never raises for a failure)."""
@@ -128,18 +132,25 @@ class Client(EngineAPI):
             return await self._until(transaction_id, box, timeout, settle=True)
 
     async def _until(
-        self, tx: str, box: Mailbox[LifecycleEvent], timeout: float | None, *, settle: bool
+        self,
+        tx: str,
+        box: Mailbox[LifecycleEvent],
+        timeout: float | None,
+        *,
+        settle: bool,
+        ask: bool = True,
     ) -> WorkflowResult:
         with anyio.fail_after(timeout):
-            try:
-                result, settled = await self._get_state(tx)
-            except TransactionNotFoundError:
-                if tx not in self._started:
-                    raise
-                result, settled = None, False  # started here, not begun yet
-            if result is not None and (result.state.finished or (settle and settled)):
-                self._started.pop(tx, None)
-                return result
+            if ask:
+                try:
+                    result, settled = await self._get_state(tx)
+                except TransactionNotFoundError:
+                    if tx not in self._started:
+                        raise
+                    result, settled = None, False  # started here, not begun yet
+                if result is not None and (result.state.finished or (settle and settled)):
+                    self._started.pop(tx, None)
+                    return result
             while True:  # the outcome comes with the finish (or suspend) event
                 event = await box.get()
                 if event.type == "finish" or (settle and event.type == "suspend"):

@@ -228,8 +228,8 @@ class Cuttable(Transport):
         *,
         headers: Mapping[str, str] | None = None,
         msg_id: str | None = None,
-    ) -> None:
-        await self.inner.enqueue(subject, data, headers=headers, msg_id=msg_id)
+    ) -> bool:
+        return await self.inner.enqueue(subject, data, headers=headers, msg_id=msg_id)
 
     async def consume(
         self,

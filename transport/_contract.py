@@ -372,11 +372,12 @@ class Transport(ABC):
         *,
         headers: Mapping[str, str] | None = None,
         msg_id: str | None = None,
-    ) -> None:
+    ) -> bool:
         """Store a message in the work queue whose subjects match ``subject``.
 
         A message whose ``msg_id`` was already enqueued within the queue's duplicate window is
-        dropped silently. Raises ``TransportError`` if no queue captures ``subject``.
+        dropped. Returns whether the message was stored (``False``: dropped as a duplicate).
+        Raises ``TransportError`` if no queue captures ``subject``.
         """
 
     @abstractmethod

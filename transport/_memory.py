@@ -306,12 +306,13 @@ class MemoryTransport(Transport):
         *,
         headers: Mapping[str, str] | None = None,
         msg_id: str | None = None,
-    ) -> None:
+    ) -> bool:
         if not self._open:
             raise self._closed()
         stream = self._queue_routes.get(subject) or self._queue_for(subject)
-        stream.append(subject, data, headers, msg_id)
+        stored = stream.append(subject, data, headers, msg_id)
         await self._scheduler.tick()
+        return stored
 
     async def consume(
         self,

@@ -223,10 +223,10 @@ class Stream:
         data: bytes,
         headers: Mapping[str, str] | None,
         msg_id: str | None,
-    ) -> None:
-        """Store a new message and hand it on (hot path)."""
+    ) -> bool:
+        """Store a new message and hand it on (hot path); ``False``: a duplicate, dropped."""
         if msg_id is not None and self._is_duplicate(msg_id):
-            return
+            return False
         stored = _Stored(subject, data, headers)
         try:
             durable = self._routes[subject]
@@ -236,6 +236,7 @@ class Stream:
             self._unclaimed.append(stored)
         else:
             durable.offer(stored)
+        return True
 
     def deliver(self, consumer: MemoryConsumer, stored: _Stored) -> None:
         """Hand a message to a consumer with room (hot path)."""

@@ -425,20 +425,21 @@ class NatsTransport(Transport):
         *,
         headers: Mapping[str, str] | None = None,
         msg_id: str | None = None,
-    ) -> None:
+    ) -> bool:
         js = self._jetstream()
         split_subject(subject)
         fields = dict(headers) if headers else {}
         if msg_id is not None:
             fields[api.Header.MSG_ID.value] = msg_id
         try:
-            await js.publish(subject, data, headers=fields or None)
+            ack = await js.publish(subject, data, headers=fields or None)
         except nats.js.errors.NoStreamResponseError as error:
             raise TransportError(
                 f"no queue captures subject {subject!r}: call ensure_queue first"
             ) from error
         except nats.errors.Error as error:
             raise _translate(f"cannot enqueue on {subject!r}", error) from error
+        return not ack.duplicate
 
     async def consume(
         self,

@@ -110,6 +110,36 @@ async def test_a_json_start_runs_and_its_events_carry_the_result(nats_server: An
     assert finish["result"] == {"reservation": {"reserved": ["a", "b"]}, "payment": {"charged": 30}}
 
 
+async def test_a_start_of_a_finished_transaction_answers_with_its_finish(nats_server: Any) -> None:
+    # The second start carries no message id (so the stream does not drop it): it reaches the
+    # coordinator, which runs nothing again and repeats the outcome for whoever waits.
+    async with services(nats_server.url) as prefix:
+        nc = await nats.connect(nats_server.url)
+        try:
+            events = Inbox()
+            await nc.subscribe(f"{prefix}.evt.pub-order.o-again", cb=events.handler)
+            body = json.dumps({"transaction_id": "o-again", "input": {"items": [], "total": 5}})
+            await nc.publish(f"{prefix}.start.pub-order", body.encode())
+            first = list(await events.wait_for(_finished("o-again")))
+            await nc.publish(f"{prefix}.start.pub-order", body.encode())
+            items = await events.wait_for(
+                lambda items: sum(b.get("type") == "finish" for _, b in items) == 2
+            )
+        finally:
+            await nc.close()
+    again = items[len(first) :]
+    assert [body["type"] for _, body in again] == ["finish"]  # no begin: nothing ran again
+    assert (
+        again[0][1]["result"]
+        == first[-1][1]["result"]
+        == {
+            "reservation": {"reserved": []},
+            "payment": {"charged": 5},
+        }
+    )
+    assert again[0][1]["summary"]["transaction_id"] == "o-again"
+
+
 async def test_a_plain_publish_without_headers_starts_too(nats_server: Any) -> None:
     # Core NATS publish, no JetStream API, no headers: the stream still captures it.
     async with services(nats_server.url) as prefix:

@@ -383,16 +383,18 @@ async def test_duplicate_msg_id_is_dropped(transport: Transport, ns: str) -> Non
     await queue(transport, ns)
     work = Recorder[WorkMsg]()
     await transport.consume(f"Q_{ns}", "workers", f"{ns}.work.>", work)
-    await transport.enqueue(f"{ns}.work.a", b"1", msg_id="one")
-    await transport.enqueue(f"{ns}.work.a", b"1 again", msg_id="one")
-    await transport.enqueue(f"{ns}.work.a", b"2", msg_id="two")
-    await transport.enqueue(f"{ns}.work.a", b"3")
-    await transport.enqueue(f"{ns}.work.a", b"3")  # no msg_id: no deduplication
+    # enqueue says whether it stored the message (False: a duplicate, dropped).
+    assert await transport.enqueue(f"{ns}.work.a", b"1", msg_id="one") is True
+    assert await transport.enqueue(f"{ns}.work.a", b"1 again", msg_id="one") is False
+    assert await transport.enqueue(f"{ns}.work.a", b"2", msg_id="two") is True
+    assert await transport.enqueue(f"{ns}.work.a", b"3") is True
+    assert await transport.enqueue(f"{ns}.work.a", b"3") is True  # no msg_id: no deduplication
     received = await work.wait_for(4)
     assert payloads(received) == [b"1", b"2", b"3", b"3"]
     for msg in received:
         await msg.ack()
-    await transport.enqueue(f"{ns}.work.a", b"1 after ack", msg_id="one")  # still in the window
+    # Still in the window:
+    assert await transport.enqueue(f"{ns}.work.a", b"1 after ack", msg_id="one") is False
     await work.assert_quiet()
 
 
