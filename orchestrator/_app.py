@@ -345,7 +345,7 @@ def _needs_nkeys(option: str) -> None:
     # nats-py signs with the nkeys package, an optional dependency it imports only when
     # connecting: without this check the error would come from deep inside the connection.
     if importlib.util.find_spec("nkeys") is None:
-        raise CliError(f"{option} needs the nkeys package: pip install nkeys")
+        raise CliError(f"{option} needs the nkeys package: pip install 'orchestrator[nkeys]'")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -922,6 +922,7 @@ class _FirstConnection:
         self.deadline: float | None = None
         self.connected = False
         self.last: Exception | None = None
+        self.refused: Exception | None = None
 
     def __enter__(self) -> _FirstConnection:
         if self.nats.connect_timeout is not None:
@@ -930,6 +931,12 @@ class _FirstConnection:
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         self.connected = True
+        if isinstance(exc, _GaveUp) and self.refused is not None:
+            raise TransportError(
+                f"NATS at {','.join(self.nats.servers)} refused the login "
+                f"({_describe_nats(self.refused)}): check --user/--password, --token, "
+                "--creds or --nkey-seed"
+            ) from None
         if isinstance(exc, _GaveUp):
             why = "" if self.last is None else f" (last error: {_describe_nats(self.last)})"
             raise TransportError(
@@ -942,6 +949,12 @@ class _FirstConnection:
         self.last = error
         if self.log is not None:
             self.log.warning("NATS connection", error=_describe_nats(error))
+        refused = isinstance(error, nats.errors.AuthorizationError) or (
+            "authorization violation" in str(error).lower()  # how it comes while connecting
+        )
+        if not self.connected and refused:
+            self.refused = error  # trying again cannot help
+            raise _GaveUp
         if not self.connected and self.deadline is not None and time.monotonic() > self.deadline:
             raise _GaveUp
 

@@ -225,8 +225,16 @@ class NatsTransport(Transport):
                 await user_reconnected()
 
         nc = Client()
-        with _mapped(f"cannot connect to NATS at {self._servers!r}"):
-            await nc.connect(self._servers, name=self._name, reconnected_cb=reconnected, **options)
+        try:
+            with _mapped(f"cannot connect to NATS at {self._servers!r}"):
+                await nc.connect(
+                    self._servers, name=self._name, reconnected_cb=reconnected, **options
+                )
+        except BaseException:
+            # A refused login (or a timeout) can leave nats-py's socket open: close it.
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise
         self._nc = nc
         self._js = nc.jetstream()
         task_group = anyio.create_task_group()
