@@ -23,7 +23,7 @@ from orchestrator._types import StepError
 from transport import Consumer, Msg, Transport, WorkMsg
 
 from ._store import Store
-from ._subjects import Subjects
+from ._subjects import DEFAULT_ACK_WAIT, Subjects
 from ._system import ActorSystem
 from .messages import AbortStep, StepCommand, TxEvent, decode_message, encode_message
 
@@ -313,7 +313,7 @@ class ExecutorHost:
         limits: Mapping[str, int | None] | None = None,
         concurrency: int | None = None,
         clock: Callable[[], float] = time.time,
-        ack_wait: float = 30.0,
+        ack_wait: float = DEFAULT_ACK_WAIT,
         max_deliver: int = DEFAULT_MAX_DELIVER,
         store: Store | None = None,
     ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import time
 from collections.abc import Iterable, Mapping
@@ -57,8 +58,10 @@ its partitions to the others within about this long."""
 
 
 def service_id(kind: str) -> str:
-    """A unique name for one service process: kind, host, process id and a random part."""
-    return f"{kind}-{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+    """A unique name for one service process: kind, host, process id and a random part (only
+    letters, digits, ``-`` and ``_``, as lease and key names allow)."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())
+    return f"{kind}-{host}-{os.getpid()}-{os.urandom(3).hex()}"
 
 
 def collect_workflows(workflows: Iterable[Workflow]) -> dict[str, Workflow]:
