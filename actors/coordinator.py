@@ -281,7 +281,7 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
             if self.state is not None:  # a duplicate start: attach, never run twice
                 if work is not None:
                     acks.append(work)
-                later.append(host.announce(self.state))
+                later.append(host.announce(self.state, to_parent=msg.parent is not None))
                 return None
             graph = host.graphs.get(msg.workflow)
             if graph is None:
@@ -526,8 +526,7 @@ class CoordinatorHost:
             elif isinstance(cmd, Finished):
                 self.notify("finish", state)
                 if state.parent is not None:
-                    action = "compensate" if state.parent_comp_attempt else "invoke"
-                    await self.notify_parent(state, action=action)
+                    await self.notify_parent(state, action=_answered(state))
             elif isinstance(cmd, SetTimer):
                 self.arm(tx, wf, cmd)
             elif isinstance(cmd, StartChild):
@@ -670,9 +669,14 @@ class CoordinatorHost:
         if work is not None:
             await work.term()
 
-    async def announce(self, state: TxState) -> None:
+    async def announce(self, state: TxState, *, to_parent: bool = False) -> None:
         """A start of a transaction that exists: say on its event subject how it ended (or that
-        it only waits), for whoever started it again and waits; a running one says so itself."""
+        it only waits), for whoever started it again and waits; a running one says so itself.
+
+        ``to_parent``: the start came from the parent step (sent again after a takeover): tell
+        the parent too, since the first answer may have died with a coordinator (the message
+        ids make a second answer harmless).
+        """
         graph = self.graphs.get(state.workflow)
         if state.status in _FINAL:
             kind = "finish"
@@ -680,6 +684,11 @@ class CoordinatorHost:
             kind = "suspend"
         else:
             return
+        if to_parent and state.parent is not None:
+            if kind == "suspend":
+                await self.notify_parent_suspended(state)
+            else:
+                await self.notify_parent(state, action=_answered(state))
         subject = self.subjects.event(state.workflow, state.transaction_id)
         if not self.transport.has_interest(subject):
             return
@@ -743,6 +752,12 @@ class CoordinatorHost:
             now=cmd.at, kind=cmd.kind, step=cmd.step, action=cmd.action, attempt=cmd.attempt
         )
         self.route(TxEvent(workflow=workflow, transaction_id=tx, event=event), None)
+
+
+def _answered(state: TxState) -> str:
+    """What a finished nested transaction answers: its parent step's compensation (it was
+    cancelled by it) or its invoke."""
+    return "compensate" if state.parent_comp_attempt else "invoke"
 
 
 def _parent_link(state: TxState, step: str, attempt: int) -> ParentLink:
