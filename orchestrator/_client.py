@@ -11,7 +11,7 @@ import msgspec
 
 from actors import Mailbox, Subjects, new_transaction_id
 from actors.protocol import GetRequest, ListRequest, StartRequest
-from transport import Msg, Transport
+from transport import Msg, Transport, TransportError
 
 from ._api import EngineAPI, TransactionHandle
 from ._errors import (
@@ -42,10 +42,16 @@ class Client(EngineAPI):
         partitions: int = 16,
         request_timeout: float = 30.0,
         owns_transport: bool = True,
+        recheck: float = 5.0,
     ) -> None:
+        """``recheck``: seconds between two reads of a transaction's state while ``run`` or
+        ``wait`` waits for its events. Events are sent at most once (a NATS restart loses those
+        in flight, a coordinator may die between persisting an outcome and announcing it): the
+        read is the safety net."""
         self.transport = transport
         self.subjects = Subjects(prefix, partitions)
         self.request_timeout = request_timeout
+        self.recheck = recheck
         self._owns_transport = owns_transport
         self._started: dict[str, str] = {}
         """Transactions started through this client and not seen finished: until their
@@ -140,19 +146,34 @@ class Client(EngineAPI):
         settle: bool,
         ask: bool = True,
     ) -> WorkflowResult:
+
+        async def outcome() -> WorkflowResult | None:
+            """The result if the transaction is over (or, with ``settle``, only waits)."""
+            try:
+                result, settled = await self._get_state(tx)
+            except TransactionNotFoundError:
+                if tx not in self._started:
+                    raise
+                return None  # started here, not begun yet
+            if result.state.finished or (settle and settled):
+                self._started.pop(tx, None)
+                return result
+            return None
+
         with anyio.fail_after(timeout):
-            if ask:
-                try:
-                    result, settled = await self._get_state(tx)
-                except TransactionNotFoundError:
-                    if tx not in self._started:
-                        raise
-                    result, settled = None, False  # started here, not begun yet
-                if result is not None and (result.state.finished or (settle and settled)):
-                    self._started.pop(tx, None)
-                    return result
+            if ask and (result := await outcome()) is not None:
+                return result
             while True:  # the outcome comes with the finish (or suspend) event
-                event = await box.get()
+                with anyio.move_on_after(self.recheck) as quiet:
+                    event = await box.get()
+                if quiet.cancelled_caught:  # no event for a while: was one lost?
+                    try:
+                        result = await outcome()
+                    except TransportError:  # NATS or the coordinators are away: wait on
+                        continue
+                    if result is not None:
+                        return result
+                    continue
                 if event.type == "finish" or (settle and event.type == "suspend"):
                     self._started.pop(tx, None)
                     if event.summary is not None:
@@ -245,6 +266,7 @@ def connect(
     prefix: str = "orch",
     partitions: int = 16,
     request_timeout: float = 30.0,
+    recheck: float = 5.0,
     **options: Any,
 ) -> Client:
     """A client of the services on NATS: ``async with connect(url) as client:``.
@@ -259,4 +281,5 @@ def connect(
         prefix=prefix,
         partitions=partitions,
         request_timeout=request_timeout,
+        recheck=recheck,
     )
