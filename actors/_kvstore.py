@@ -7,6 +7,7 @@ to ``<prefix>_done`` with a per-key ttl (the retention).
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
 
@@ -81,12 +82,21 @@ class KvStore(Store):
         return self._done
 
     async def load(self, transaction_id: str) -> TxState | None:
-        done, live = await self._fetch(kv_key(transaction_id))
+        key = kv_key(transaction_id)
+        done, live = await self._fetch(key)
+        state = _newest(done, live)
+        if live is not None and done is not None and state is not None:
+            if state.version >= _decoder.decode(live.value).version:
+                # A finish cut short (its coordinator died between the two writes) left the
+                # checkpoint behind: the retained copy is newer, so drop it now.
+                with contextlib.suppress(RevisionMismatchError):
+                    await self.live_bucket.delete(key, last_revision=live.revision)
+                live = None
         if live is not None:
             self._revisions[transaction_id] = live.revision
         else:
             self._revisions.pop(transaction_id, None)
-        return _newest(done, live)
+        return state
 
     async def read(self, transaction_id: str) -> TxState | None:
         return _newest(*await self._fetch(kv_key(transaction_id)))

@@ -1,0 +1,51 @@
+"""The key-value store of the services: transaction ids as bucket keys (any id makes a valid
+key, and the key gives the id back: a takeover reads only its partition's transactions, by their
+keys), and what a crash between two writes leaves behind."""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from actors import KvStore
+from actors._kvstore import kv_key, transaction_id_of
+from orchestrator._transaction import TxState
+from transport import MemoryTransport
+
+_KEY = re.compile(r"[A-Za-z0-9_\-=]+")
+
+
+@given(st.text(min_size=1))
+def test_a_key_is_valid_and_gives_its_transaction_id_back(transaction_id: str) -> None:
+    key = kv_key(transaction_id)
+    assert _KEY.fullmatch(key), key
+    assert transaction_id_of(key) == transaction_id
+
+
+def test_plain_ids_are_their_own_keys() -> None:
+    assert kv_key("checkout-1a2b") == "checkout-1a2b"
+    assert kv_key("order:42/x") == "order=3A42=2Fx"
+
+
+@pytest.mark.anyio
+async def test_a_finish_cut_short_leaves_no_checkpoint_behind_once_loaded() -> None:
+    async with MemoryTransport() as transport:
+        store = KvStore(transport, prefix="cut")
+        await store.open()
+        live = TxState(workflow="w", transaction_id="t/1", status="invoking", version=3)
+        await store.save(live)
+        # The coordinator wrote the retained copy and died before deleting the checkpoint.
+        final = msgspec.structs.replace(live, status="done", version=4)
+        await store.done.create(kv_key("t/1"), msgspec.msgpack.encode(final), ttl=60)
+        assert [s.transaction_id for s in await store.live()] == ["t/1"]
+
+        loaded = await store.load("t/1")
+
+        assert loaded is not None
+        assert (loaded.status, loaded.version) == ("done", 4)
+        assert await store.live() == []
+        assert await store.read("t/1") == loaded
