@@ -85,13 +85,17 @@ class KvStore(Store):
         key = kv_key(transaction_id)
         done, live = await self._fetch(key)
         state = _newest(done, live)
-        if live is not None and done is not None and state is not None:
-            if state.version >= _decoder.decode(live.value).version:
-                # A finish cut short (its coordinator died between the two writes) left the
-                # checkpoint behind: the retained copy is newer, so drop it now.
-                with contextlib.suppress(RevisionMismatchError):
-                    await self.live_bucket.delete(key, last_revision=live.revision)
-                live = None
+        if (
+            live is not None
+            and done is not None
+            and state is not None
+            and state.version >= _decoder.decode(live.value).version
+        ):
+            # A finish cut short (its coordinator died between the two writes) left the
+            # checkpoint behind: the retained copy is newer, so drop it now.
+            with contextlib.suppress(RevisionMismatchError):
+                await self.live_bucket.delete(key, last_revision=live.revision)
+            live = None
         if live is not None:
             self._revisions[transaction_id] = live.revision
         else:
