@@ -10,7 +10,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
@@ -63,6 +63,9 @@ from .messages import (
     decode_message,
     encode_message,
 )
+
+if TYPE_CHECKING:
+    from .executor import ExecutorHost
 
 __all__ = ["CoordinatorActor", "CoordinatorHost", "Watcher"]
 
@@ -345,6 +348,8 @@ class CoordinatorHost:
         self.watchers: dict[str, list[Watcher]] = {}
         self.timers = Timers(self._fire_timer, clock)
         self.consumers: dict[int, Consumer] = {}
+        self.executors: ExecutorHost | None = None
+        """Step executors in this process (local mode): step commands go straight to them."""
         self._step_subjects: dict[str, str] = {}
 
     async def start(self) -> None:
@@ -496,23 +501,25 @@ class CoordinatorHost:
         # or a parent whose own timeout cancels this nested transaction.
         abortable = graph.timeout is not None or state.parent is not None
         sends: list[tuple[str, bytes, str]] = []
+        executors = self.executors
         for cmd in commands:
             if isinstance(cmd, Invoke):
-                data = encode_message(
-                    StepCommand(
-                        workflow=wf,
-                        transaction_id=tx,
-                        step=cmd.step,
-                        action=cmd.action,
-                        attempt=cmd.attempt,
-                        input=cmd.input,
-                        context=state.context,
-                        timeout=cmd.timeout,
-                        async_=cmd.async_,
-                        abortable=abortable,
-                        reply_subject=reply_subject,
-                    )
+                command = StepCommand(
+                    workflow=wf,
+                    transaction_id=tx,
+                    step=cmd.step,
+                    action=cmd.action,
+                    attempt=cmd.attempt,
+                    input=cmd.input,
+                    context=state.context,
+                    timeout=cmd.timeout,
+                    async_=cmd.async_,
+                    abortable=abortable,
+                    reply_subject=reply_subject,
                 )
+                if executors is not None and executors.take(command):
+                    continue
+                data = encode_message(command)
                 subject = step_subjects.get(cmd.step)
                 if subject is None:
                     subject = step_subjects[cmd.step] = subjects.step(cmd.step)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -50,6 +51,7 @@ class StepExecutor:
 
     The work queue hands it at most ``concurrency`` un-acked commands; each runs as a job of the
     actor system's dispatcher, which grows its pool so a slow handler never holds up the others.
+    Commands handed over in process (:meth:`take`) keep to the same limit.
     """
 
     def __init__(
@@ -64,6 +66,41 @@ class StepExecutor:
         self.definitions = dict(definitions)
         self.concurrency = concurrency
         self.running: dict[_Key, anyio.CancelScope] = {}
+        self._here: set[tuple[str, str, int]] = set()  # in-process commands taken, not answered
+        self._waiting: deque[StepCommand] = deque()  # ... and those over the limit, in order
+
+    def take(self, cmd: StepCommand) -> None:
+        """Run a command handed over in process (no work queue); its answer goes to the host's
+        ``reply``. A copy of a command still running (a resumed coordinator) is dropped."""
+        key = (cmd.transaction_id, cmd.action, cmd.attempt)
+        if key in self._here:
+            return
+        self._here.add(key)
+        limit = self.concurrency
+        if limit is not None and len(self._here) > limit:
+            self._waiting.append(cmd)
+        else:
+            self.host.system.dispatcher.submit(self._run_here, cmd)
+
+    async def _run_here(self, cmd: StepCommand) -> None:
+        try:
+            try:
+                event = await self.invoke(cmd)
+            except Exception as exc:  # a bug of ours, not the handler's: fail the step, say why
+                log.exception("step invocation failed", step=cmd.step)
+                event = _failed(
+                    cmd,
+                    self.host.clock(),
+                    error_from_exception(exc, cmd.step, cmd.action, cmd.attempt),
+                    True,
+                )
+            reply = self.host.reply
+            assert reply is not None
+            reply(TxEvent(workflow=cmd.workflow, transaction_id=cmd.transaction_id, event=event))
+        finally:
+            self._here.discard((cmd.transaction_id, cmd.action, cmd.attempt))
+            if self._waiting:
+                self.host.system.dispatcher.submit(self._run_here, self._waiting.popleft())
 
     def deliver(self, work: WorkMsg) -> None:
         """The work-queue handler: run the invocation on the dispatcher."""
@@ -336,6 +373,8 @@ class ExecutorHost:
         self.store = store
         self.working: set[WorkMsg] = set()
         """The deliveries whose handlers run now."""
+        self.reply: Callable[[TxEvent], None] | None = None
+        """Where the answers to commands handed over in process go (see :meth:`take`)."""
         self.executors: dict[str, StepExecutor] = {}
         self.consumers: list[Consumer] = []
         limits = limits or {}
@@ -358,6 +397,15 @@ class ExecutorHost:
             )
         await self.transport.subscribe(f"{self.subjects.prefix}.ctl.*", self._on_control)
         self.system.start_soon(self._heartbeat, name="executor heartbeat")
+
+    def take(self, cmd: StepCommand) -> bool:
+        """Run ``cmd`` in process, if this host has its step (and a ``reply``): the local mode's
+        shortcut past the work queue. ``False``: not here, send it through the queue."""
+        executor = self.executors.get(cmd.step)
+        if executor is None or self.reply is None:
+            return False
+        executor.take(cmd)
+        return True
 
     async def outstanding(self, cmd: StepCommand) -> bool:
         """Whether the transaction still waits for the answer to ``cmd``."""

@@ -108,7 +108,7 @@ class LocalEngine(EngineAPI):
                     **common,
                 )
             )
-            await stack.enter_async_context(
+            worker = await stack.enter_async_context(
                 Worker(
                     self.workflows.values(),
                     container=self.container,
@@ -117,6 +117,14 @@ class LocalEngine(EngineAPI):
                     **common,
                 )
             )
+            assert coordinator.host is not None
+            assert worker.host is not None
+            # In one process the work queue buys nothing (its redelivery is for processes that
+            # die, and here they die together): step commands go straight to the executors and
+            # their answers straight to the coordinator actors (see docs/architecture.md).
+            coordinator.host.executors = worker.host
+            host = coordinator.host
+            worker.host.reply = lambda event: host.route(event, None)
             self._coordinators = coordinator.host
         except BaseException:
             await stack.__aexit__(None, None, None)
