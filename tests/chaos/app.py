@@ -9,6 +9,12 @@ Each workflow input is ``{"seed": ..., "plan": {...}}``. The plan says, per step
   then succeeds;
 * ``comp_flaky``: ``[step, ...]``: the step's compensation fails on its first attempt.
 
+``chaos-nest`` runs the workflow ``chaos-sub`` as a step (``run_as_step``): the child is a
+transaction of its own, ``<tx>:chaos-sub-as-step`` (``:attempt-2`` when the nested step runs
+again), usually in another partition. Its input carries the parent's seed and plan, and its
+context is the parent's, so its steps fail, flake and compensate by the same plan; they record
+under the child's transaction id.
+
 The ledger is a SQLite file. Table ``attempts`` has one row per (idempotency key, attempt): the
 stable identity of an effect, so a redelivered attempt (its worker was killed mid-step) updates
 the row instead of adding one, and counts itself in ``deliveries``. Table ``deliveries`` has one
@@ -199,12 +205,42 @@ def _input(data: Any, *prev: Any) -> dict[str, Any]:
     return {"seed": data["seed"], "plan": data["plan"], "prev": list(prev)}
 
 
-def _shape(name: str, layers: list[int]) -> Workflow:
+def _flat(prev: list[Any]) -> list[Any]:
+    """The outputs the steps before hand on: a nested workflow's result (a dict of its steps'
+    outputs) counts as every output in it, in key order."""
+    out: list[Any] = []
+    for p in prev:
+        if isinstance(p, dict):
+            out.extend(_flat([p[k] for k in sorted(p)]))
+        else:
+            out.append(p)
+    return out
+
+
+def _first_input(v: Any) -> dict[str, Any]:
+    """The input of a first-layer step: a nested workflow's first steps see the outputs its
+    parent handed on (``prev`` of the child's input); a top-level workflow's see none."""
+    return _input(v["data"], *v["data"].get("prev", []))
+
+
+def _next_input(v: Any) -> dict[str, Any]:
+    return _input(v["data"], *_flat(v["prev"]))
+
+
+Layer = int | str
+"""A layer of a shape: that many steps (a ``parallelize`` group when more than one), or the name
+of a nested workflow (of ``CHILD_SHAPES``), run as one step with ``run_as_step``."""
+
+
+def _shape(name: str, layers: list[Layer]) -> Workflow:
     """A workflow of layers: every step of a layer waits for every step of the one before;
-    a layer of several steps is a ``parallelize`` group. The result maps step -> output."""
+    a layer of several steps is a ``parallelize`` group, a layer naming a child workflow runs it
+    nested (``<child>-as-step``, with ``NESTED_RETRIES``). The result maps step -> output (a
+    nested step's output is its child's result)."""
+    count = sum(w for w in layers if isinstance(w, int))
     steps = {
         f"{name}-{chr(ord('a') + i)}": chaos_step(f"{name}-{chr(ord('a') + i)}")
-        for i in range(sum(layers))
+        for i in range(count)
     }
     names = list(steps)
 
@@ -214,15 +250,23 @@ def _shape(name: str, layers: list[int]) -> Workflow:
         outputs: dict[str, Any] = {}
         previous: list[Any] = []
         at = 0
-        for width in layers:
-            layer = names[at : at + width]
-            at += width
+        for entry in layers:
             args = transform(
-                {"data": data, "prev": previous},
-                lambda v: _input(v["data"], *v["prev"]),
+                {"data": data, "prev": previous}, _next_input if previous else _first_input
             )
+            if isinstance(entry, str):
+                nested = (
+                    CHILDREN[entry]
+                    .run_as_step(input=args)
+                    .config(max_retries=NESTED_RETRIES, retry_interval=RETRY_INTERVAL)
+                )
+                outputs[f"{entry}-as-step"] = nested
+                previous = [nested]
+                continue
+            layer = names[at : at + entry]
+            at += entry
             calls = [steps[s](args) for s in layer]
-            refs = list(parallelize(*calls)) if width > 1 else calls
+            refs = list(parallelize(*calls)) if entry > 1 else calls
             outputs.update(zip(layer, refs, strict=True))
             previous = refs
         return dict(outputs)
@@ -230,26 +274,60 @@ def _shape(name: str, layers: list[int]) -> Workflow:
     return create_workflow(name, composer)
 
 
-SHAPES: dict[str, list[int]] = {
+NESTED_RETRIES = 1
+"""Retries of a nested step: a child that reverted runs again once, as ``<tx>:<step>:attempt-2``
+(it does the same, its plan being the same)."""
+
+CHILD_SHAPES: dict[str, list[Layer]] = {
+    "chaos-sub": [1, 2],  # x -> (y | z), nested in chaos-nest
+}
+"""The workflows that only run nested (their steps follow the parent's plan)."""
+
+CHILDREN: dict[str, Workflow] = {
+    name: _shape(name, layers) for name, layers in CHILD_SHAPES.items()
+}
+
+SHAPES: dict[str, list[Layer]] = {
     "chaos-fan": [1, 2, 1],  # a -> (b | c) -> d
     "chaos-wide": [1, 1, 3],  # a -> b -> (c | d | e)
     "chaos-join": [2, 1],  # (a | b) -> c
     "chaos-mix": [1, 2, 2],  # a -> (b | c) -> (d | e)
+    "chaos-nest": [1, "chaos-sub", 1],  # a -> chaos-sub-as-step (x -> (y | z)) -> b
 }
-"""The workflow shapes: steps per layer (3 to 5 steps, with parallel groups)."""
+"""The workflow shapes: steps per layer (3 to 5 steps, with parallel groups), and one with a
+nested workflow."""
 
 WORKFLOWS: dict[str, Workflow] = {name: _shape(name, layers) for name, layers in SHAPES.items()}
+"""The workflows the harness starts (the nested ones come with their parents)."""
+
+
+def workflow_of(name: str) -> Workflow:
+    """A workflow of the app by name, nested ones included."""
+    return WORKFLOWS[name] if name in WORKFLOWS else CHILDREN[name]
 
 
 def layers_of(workflow: str) -> list[list[str]]:
-    """The step names of a workflow, layer by layer (as its graph orders them)."""
-    nodes = [n for n in WORKFLOWS[workflow].graph.nodes if n.kind == "step"]
+    """The node names of a workflow (steps and nested steps), layer by layer (as its graph
+    orders them)."""
+    nodes = [n for n in workflow_of(workflow).graph.nodes if n.kind in ("step", "subflow")]
     level: dict[str, int] = {}
     for node in nodes:
         level[node.name] = 1 + max((level[a] for a in node.after if a in level), default=-1)
     out: list[list[str]] = [[] for _ in range(1 + max(level.values()))]
     for node in nodes:
         out[level[node.name]].append(node.name)
+    return out
+
+
+def plan_steps(workflow: str) -> list[str]:
+    """The step names a plan of ``workflow`` covers: its own steps and, in place of a nested
+    step, those of the child (recursively), in layer order."""
+    index = {n.name: n for n in workflow_of(workflow).graph.nodes}
+    out: list[str] = []
+    for layer in layers_of(workflow):
+        for name in layer:
+            child = index[name].workflow
+            out.extend(plan_steps(child) if index[name].kind == "subflow" and child else [name])
     return out
 
 

@@ -6,6 +6,9 @@ ledger (what the step handlers did) and the final states (what the coordinators 
 and returns a :class:`Report` with the figures of the run. :func:`check_resources` checks the
 streams and buckets the run left behind (:class:`Resources`, collected by the harness once the
 services have settled): nothing grows without bound.
+
+A nested transaction (``chaos-nest`` runs ``chaos-sub`` as a step) is checked on its own, as
+its ledger rows carry its own transaction id, and with its parent (:func:`units_of`).
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from actors._kvstore import kv_key
 from orchestrator import WorkflowResult
 
-from .app import MAX_RETRIES, WORKFLOWS, layers_of, step_output
+from .app import MAX_RETRIES, WORKFLOWS, layers_of, plan_steps, step_output, workflow_of
 
 FINAL_STATES = ("done", "reverted", "failed")
 
@@ -54,19 +58,19 @@ def make_plan(
 ) -> Plan:
     """A random plan: each step fails for good with ``p_fail`` (half of those at once, half
     after spending its retries), else flakes with ``p_flaky``; each compensation fails on its
-    first attempt with ``p_comp_flaky``."""
+    first attempt with ``p_comp_flaky``. The steps of a nested workflow are planned with their
+    parent's (the child reads the parent's plan)."""
     workflow = rng.choice(sorted(WORKFLOWS))
     fail: dict[str, str] = {}
     flaky: dict[str, int] = {}
     comp_flaky: list[str] = []
-    for layer in layers_of(workflow):
-        for step in layer:
-            if rng.random() < p_fail:
-                fail[step] = rng.choice(["permanent", "exhaust"])
-            elif rng.random() < p_flaky:
-                flaky[step] = rng.randint(1, MAX_RETRIES)
-            if rng.random() < p_comp_flaky:
-                comp_flaky.append(step)
+    for step in plan_steps(workflow):
+        if rng.random() < p_fail:
+            fail[step] = rng.choice(["permanent", "exhaust"])
+        elif rng.random() < p_flaky:
+            flaky[step] = rng.randint(1, MAX_RETRIES)
+        if rng.random() < p_comp_flaky:
+            comp_flaky.append(step)
     return Plan(workflow, seed, fail, flaky, tuple(comp_flaky))
 
 
@@ -75,35 +79,106 @@ class Prediction:
     state: str
     """``done`` or ``reverted`` (compensations always recover: they flake once at most)."""
     invoked: frozenset[str]
-    """The steps that run (and, when reverted, are compensated)."""
+    """The nodes (steps and nested steps) that run (and, when reverted, are compensated; a
+    nested step whose child reverted by itself needs no compensation)."""
     fail_level: int | None
     """The layer where the first failure for good happens."""
-    outputs: dict[str, str]
-    """What each invoked step returns when it succeeds."""
-    result: dict[str, str] | None
+    outputs: dict[str, Any]
+    """What each node returns when it succeeds (a nested step: its child's result)."""
+    result: dict[str, Any] | None
     """The workflow's result when done."""
+    failing: frozenset[str] = frozenset()
+    """The nodes of ``fail_level`` that fail for good (a nested step: its child reverted)."""
+    cause: str | None = None
+    """Why it reverts: ``self`` (one of its steps failed for good) or ``parent`` (a nested
+    transaction that ended done, compensated by its parent because a later step failed)."""
+    children: dict[str, list[tuple[str, Prediction]]] = field(default_factory=dict)
+    """Nested step -> the child transactions it runs (id and prediction), in attempt order."""
 
 
-def predict(plan: Plan) -> Prediction:
-    layers = layers_of(plan.workflow)
-    graph = {n.name: n for n in WORKFLOWS[plan.workflow].graph.nodes}
-    outputs: dict[str, str] = {}
+def child_id(tx: str, step: str, attempt: int) -> str:
+    """The transaction id of the nested transaction that ``attempt`` of ``step`` runs."""
+    return f"{tx}:{step}" if attempt == 1 else f"{tx}:{step}:attempt-{attempt}"
+
+
+def flat(values: list[Any]) -> list[Any]:
+    """As the app's steps see the outputs before them (a child's result: every output in it)."""
+    out: list[Any] = []
+    for v in values:
+        out.extend(flat([v[k] for k in sorted(v)]) if isinstance(v, dict) else [v])
+    return out
+
+
+def predict(plan: Plan, tx: str | None = None) -> Prediction:
+    """What transaction ``tx`` (default: the plan's seed, the harness's id) of ``plan`` does,
+    with its nested transactions (``children``)."""
+    return _predict(plan.workflow, plan, tx or plan.seed, [])
+
+
+def _predict(workflow: str, plan: Plan, tx: str, inherited: list[Any]) -> Prediction:
+    layers = layers_of(workflow)
+    graph = {n.name: n for n in workflow_of(workflow).graph.nodes}
+    outputs: dict[str, Any] = {}
+    own: dict[str, Prediction] = {}
+    handed: dict[str, list[Any]] = {}
+    failing: set[str] = set()
     for layer in layers:
-        for step in layer:
-            prev = [outputs[a] for a in graph[step].after]
-            outputs[step] = step_output(step, plan.seed, prev)
-    failing = [i for i, layer in enumerate(layers) if any(s in plan.fail for s in layer)]
-    if not failing:
-        everything = frozenset(outputs)
-        return Prediction("done", everything, None, outputs, dict(outputs))
-    level = failing[0]
-    invoked = frozenset(s for layer in layers[: level + 1] for s in layer)
-    return Prediction("reverted", invoked, level, outputs, None)
+        for name in layer:
+            node = graph[name]
+            prev = flat([outputs[a] for a in node.after]) if node.after else list(inherited)
+            if node.kind == "subflow":
+                if len(layer) > 1:
+                    raise ValueError(f"{name}: the model knows nested steps alone in a layer")
+                assert node.workflow is not None
+                child = _predict(node.workflow, plan, child_id(tx, name, 1), prev)
+                own[name], handed[name] = child, prev
+                outputs[name] = dict(child.outputs)
+                if child.state == "reverted":
+                    failing.add(name)
+            else:
+                outputs[name] = step_output(name, plan.seed, [p for p in prev if p is not None])
+                if name in plan.fail:
+                    failing.add(name)
+    levels = [i for i, layer in enumerate(layers) if failing & set(layer)]
+    level = levels[0] if levels else None
+    invoked = frozenset(
+        s for layer in (layers if level is None else layers[: level + 1]) for s in layer
+    )
+    state = "done" if level is None else "reverted"
+    children: dict[str, list[tuple[str, Prediction]]] = {}
+    for name in sorted(invoked & set(own)):
+        child = own[name]
+        if child.state == "reverted":  # it undoes itself, and runs again while retries last
+            child_workflow = graph[name].workflow
+            assert child_workflow is not None
+            ids = [child_id(tx, name, n) for n in range(1, 2 + graph[name].config.max_retries)]
+            children[name] = [(i, _predict(child_workflow, plan, i, handed[name])) for i in ids]
+        elif state == "reverted":  # done, then compensated by this transaction
+            children[name] = [(child_id(tx, name, 1), _undone(child))]
+        else:
+            children[name] = [(child_id(tx, name, 1), child)]
+    if level is None:
+        return Prediction("done", invoked, None, outputs, dict(outputs), children=children)
+    at_level = frozenset(failing & set(layers[level]))
+    return Prediction(
+        "reverted", invoked, level, outputs, None, at_level, cause="self", children=children
+    )
+
+
+def _undone(done: Prediction) -> Prediction:
+    """A transaction that ended done, then compensated by its parent (its children too)."""
+    children = {
+        step: [(i, _undone(p) if p.state == "done" else p) for i, p in runs]
+        for step, runs in done.children.items()
+    }
+    return Prediction(
+        "reverted", done.invoked, None, done.outputs, None, cause="parent", children=children
+    )
 
 
 def successors(workflow: str) -> dict[str, set[str]]:
-    """Step -> every step after it (transitively), from the graph's ``after`` lists."""
-    nodes = WORKFLOWS[workflow].graph.nodes
+    """Node -> every node after it (transitively), from the graph's ``after`` lists."""
+    nodes = workflow_of(workflow).graph.nodes
     direct: dict[str, set[str]] = defaultdict(set)
     for node in nodes:
         for before in node.after:
@@ -227,27 +302,102 @@ def _numbers(rows: list[Attempt]) -> list[int]:
     return sorted(r.attempt for r in rows)
 
 
-def _describe(tx: str, plan: Plan, final: WorkflowResult | None, ledger: LedgerData) -> str:
-    out = [
-        f"plan: {plan.workflow} fail={plan.fail} flaky={plan.flaky} comp_flaky={plan.comp_flaky}",
+@dataclass(frozen=True)
+class Unit:
+    """One transaction the model knows of: a started one, or a nested one that its parent
+    runs (its steps follow the started transaction's plan)."""
+
+    tx: str
+    workflow: str
+    plan: Plan
+    prediction: Prediction
+    parent: str | None = None
+    """The transaction whose nested step runs this one."""
+    top: str = ""
+    """The started transaction it belongs to (itself, for a started one)."""
+
+
+def units_of(tx: str, plan: Plan) -> list[Unit]:
+    """The started transaction ``tx`` and the nested ones the model says it runs, parents
+    first."""
+    out: list[Unit] = []
+
+    def walk(tx_: str, workflow: str, prediction: Prediction, parent: str | None) -> None:
+        out.append(Unit(tx_, workflow, plan, prediction, parent, tx))
+        index = {n.name: n for n in workflow_of(workflow).graph.nodes}
+        for step, runs in sorted(prediction.children.items()):
+            child = index[step].workflow
+            assert child is not None
+            for child_tx, child_prediction in runs:
+                walk(child_tx, child, child_prediction, tx_)
+
+    walk(tx, plan.workflow, predict(plan, tx), None)
+    return out
+
+
+def children_seen(tx: str, step: str, known: set[str]) -> list[str]:
+    """The ids in ``known`` of nested transactions that ``step`` of ``tx`` ran, in attempt
+    order (``<tx>:<step>``, then ``<tx>:<step>:attempt-<n>``)."""
+    base = f"{tx}:{step}"
+    found: list[tuple[int, str]] = []
+    for other in known:
+        if other == base:
+            found.append((1, other))
+        elif other.startswith(base + ":attempt-") and other[len(base) + 9 :].isdigit():
+            found.append((int(other[len(base) + 9 :]), other))
+    return [t for _, t in sorted(found)]
+
+
+def _family(top: str, known: set[str]) -> list[str]:
+    """A started transaction and every nested transaction under it in ``known``."""
+    return [top, *sorted(t for t in known if t.startswith(top + ":"))]
+
+
+def _describe_one(
+    tx: str, plan: Plan | None, final: WorkflowResult | None, ledger: LedgerData, t0: float
+) -> list[str]:
+    out = [f"[{tx}]"]
+    if plan is not None:
+        out.append(
+            f"plan: {plan.workflow} fail={plan.fail} flaky={plan.flaky} "
+            f"comp_flaky={plan.comp_flaky}"
+        )
+    out.append(
         "final: "
         + (
             "none"
             if final is None
-            else f"{final.state.value} steps="
+            else f"{final.workflow} {final.state.value} steps="
             + ", ".join(
                 f"{s.name}:{s.state.value}/{s.attempts}/{s.compensate_attempts}"
                 for s in final.steps
             )
-        ),
-    ]
-    t0 = min((a.started for a in ledger.attempts.get(tx, [])), default=0.0)
+            + "".join(f"\nerror: {e.step} {e.action} {e.type}: {e.message}" for e in final.errors)
+        )
+    )
     for a in ledger.attempts.get(tx, []):
         ended = "-" if a.ended is None else f"{a.ended - t0:.3f}"
         out.append(
             f"{a.step} {a.action} #{a.attempt} {a.started - t0:.3f}..{ended} {a.outcome} "
             f"deliveries={a.deliveries}"
         )
+    return out
+
+
+def _describe(
+    top: str,
+    plan: Plan,
+    finals: dict[str, WorkflowResult | None],
+    ledger: LedgerData,
+    known: set[str],
+) -> str:
+    """A started transaction and its nested ones: plan, final states and ledger rows (times
+    from the family's first row)."""
+    family = _family(top, known)
+    t0 = min((a.started for tx in family for a in ledger.attempts.get(tx, [])), default=0.0)
+    out: list[str] = []
+    for tx in family:
+        out += _describe_one(tx, plan if tx == top else None, finals.get(tx), ledger, t0)
     return "\n".join(out)
 
 
@@ -260,28 +410,60 @@ def check_run(
 ) -> Report:
     """Every check of the chaos test over one run; ``figures`` are added to the report's, and
     ``resources`` (the streams and buckets at the end) get the checks of
-    :func:`check_resources`."""
-    lost = Check("every transaction final (0 lost)")
-    model = Check("final state and result as the model predicts")
-    attempts_check = Check("invoke attempts as the model predicts")
-    once = Check("reverted: each effect compensated exactly once")
-    order = Check("reverted: compensations in reverse dependency order")
-    clean = Check("done: no compensation")
-    forward = Check("no forward step started after compensation began")
-    rerun = Check("no handler run (redelivery included) after compensation began")
-    checks = [lost, model, attempts_check, once, order, clean, forward, rerun]
+    :func:`check_resources`.
 
+    ``plans`` are the started transactions; ``finals`` the final states of those and of the
+    nested transactions (children) they ran. A child is checked on its own like any
+    transaction (its ledger rows carry its own id), and with its parent: the parent's nested
+    step ran the children the model says, their compensations come in the parent's reverse
+    order (after the steps after the nested step, before the steps before it), and no step of
+    the family started after the parent began compensating."""
+    lost = Check("every transaction final (0 lost)")
+    lost_nested = Check("every nested transaction final (0 lost)")
+    model = Check("final state and result as the model predicts")
+    attempts_check = Check("invoke attempts (and nested runs) as the model predicts")
+    once = Check("reverted: each effect compensated exactly once")
+    order = Check("reverted: compensations in reverse dependency order (across nesting)")
+    clean = Check("done: no compensation")
+    forward = Check("no forward step started after compensation began (across nesting)")
+    rerun = Check("no handler run (redelivery included) after compensation began")
+    checks = [lost, lost_nested, model, attempts_check, once, order, clean, forward, rerun]
+
+    units = [u for tx, plan in plans.items() for u in units_of(tx, plan)]
+    by_tx = {u.tx: u for u in units}
+    known = set(by_tx) | set(ledger.attempts) | set(finals)
     states: Counter[str] = Counter()
-    for tx, plan in plans.items():
+    nested_states: Counter[str] = Counter()
+
+    def comps_of(tx: str) -> list[Attempt]:
+        return [r for r in ledger.attempts.get(tx, []) if r.action == "compensate"]
+
+    def descendants(tx: str) -> list[str]:
+        """The nested transactions under ``tx`` (its children, theirs...), not its siblings
+        (``<parent>:<step>:attempt-2`` is no child of ``<parent>:<step>``)."""
+        unit = by_tx.get(tx)
+        if unit is None:
+            return []
+        out: list[str] = []
+        for node in workflow_of(unit.workflow).graph.nodes:
+            if node.kind == "subflow":
+                for child in children_seen(tx, node.name, known):
+                    out += [child, *descendants(child)]
+        return out
+
+    for unit in units:
+        tx, plan, prediction = unit.tx, unit.plan, unit.prediction
         final = finals.get(tx)
-        lost.checked += 1
+        check = lost if unit.parent is None else lost_nested
+        check.checked += 1
         state = "missing" if final is None else final.state.value
-        states[state] += 1
+        (states if unit.parent is None else nested_states)[state] += 1
         if state not in FINAL_STATES:
-            lost.fail(tx, f"state {state}")
+            check.fail(tx, f"state {state}")
             continue
         assert final is not None
-        prediction = predict(plan)
+        graph = {n.name: n for n in workflow_of(unit.workflow).graph.nodes}
+        leaves = {s for s in prediction.invoked if graph[s].kind == "step"}
         rows = ledger.attempts.get(tx, [])
         invokes = [r for r in rows if r.action == "invoke"]
         comps = [r for r in rows if r.action == "compensate"]
@@ -291,6 +473,9 @@ def check_run(
             by_step[r.step].append(r)
         for r in comps:
             comp_by_step[r.step].append(r)
+        seen = {
+            n: children_seen(tx, n, known) for n, node in graph.items() if node.kind == "subflow"
+        }
 
         # the final state and result
         model.checked += 1
@@ -298,20 +483,19 @@ def check_run(
             model.fail(tx, f"state {state}, the model says {prediction.state}")
         elif state == "done" and final.result != prediction.result:
             model.fail(tx, f"result {final.result!r}, the model says {prediction.result!r}")
-        elif state == "reverted":
-            failing = {s for s in plan.fail if s in prediction.invoked}
+        elif state == "reverted" and prediction.cause == "self":
             reported = {e.step for e in final.errors if e.action == "invoke"}
-            if not failing & reported:
-                model.fail(tx, f"errors name {sorted(reported)}, none of {sorted(failing)}")
+            if not prediction.failing & reported:
+                model.fail(
+                    tx, f"errors name {sorted(reported)}, none of {sorted(prediction.failing)}"
+                )
 
-        # invoke attempts
+        # invoke attempts, and the nested transactions each nested step ran
         attempts_check.checked += 1
-        layers = layers_of(plan.workflow)
+        layers = layers_of(unit.workflow)
         level_of = {s: i for i, layer in enumerate(layers) for s in layer}
-        if set(by_step) != set(prediction.invoked):
-            attempts_check.fail(
-                tx, f"invoked {sorted(by_step)}, the model says {sorted(prediction.invoked)}"
-            )
+        if set(by_step) != leaves:
+            attempts_check.fail(tx, f"invoked {sorted(by_step)}, the model says {sorted(leaves)}")
         for step, step_rows in by_step.items():
             numbers = _numbers(step_rows)
             if numbers != list(range(1, len(numbers) + 1)):
@@ -326,6 +510,12 @@ def check_run(
                 wanted = plan.flaky.get(step, 0) + 1
             if len(numbers) > wanted or (not cut and len(numbers) != wanted):
                 attempts_check.fail(tx, f"{step}: {len(numbers)} attempts, the model says {wanted}")
+        for step, ran in seen.items():
+            expected = [i for i, _ in prediction.children.get(step, [])]
+            if ran != expected:
+                attempts_check.fail(
+                    tx, f"{step}: nested transactions {ran}, the model says {expected}"
+                )
 
         # compensations
         if state == "done":
@@ -354,32 +544,67 @@ def check_run(
                 if good[0].payload != payload:
                     once.fail(tx, f"{step}: compensated with {good[0].payload!r}, not {payload!r}")
 
+            # A nested step counts as the compensations in its children: all of them (and
+            # their own children's) must end before a step before it begins compensating; the
+            # ones this transaction asked for (a child that ended done) begin only after the
+            # steps after it ended compensating.
             order.checked += 1
-            after = successors(plan.workflow)
-            for step, step_comps in comp_by_step.items():
+            begins: dict[str, list[Attempt]] = dict(comp_by_step)
+            ends: dict[str, list[Attempt]] = dict(comp_by_step)
+            for step, ran in seen.items():
+                family = [d for child in ran for d in [child, *descendants(child)]]
+                undone = [c for c in ran if c in by_tx and by_tx[c].prediction.cause == "parent"]
+                every = [r for d in family for r in comps_of(d)]
+                asked = [r for c in undone for d in [c, *descendants(c)] for r in comps_of(d)]
+                if every:
+                    ends[step] = every
+                if asked:
+                    begins[step] = asked
+            after = successors(unit.workflow)
+            for step, step_comps in begins.items():
                 begun = min(r.started for r in step_comps)
-                for later in after[step] & set(comp_by_step):
-                    ends = [r.ended for r in ok.get(later, []) if r.ended is not None]
-                    if not ends or min(ends) > begun:
+                for later in sorted(after[step] & set(ends)):
+                    good_ends = [r.ended for r in ends[later] if r.outcome == "ok"]
+                    ended = [e for e in good_ends if e is not None]
+                    if not ended or max(ended) > begun:
                         order.fail(
                             tx, f"{step} compensation began before {later}'s compensation ended"
                         )
 
-        if comps:
+        # forward steps: none (of this transaction or a nested one under it) after this
+        # transaction began compensating, itself or a child that had ended done
+        undone_children = [
+            d
+            for ran in seen.values()
+            for c in ran
+            if c in by_tx and by_tx[c].prediction.cause == "parent"
+            for d in [c, *descendants(c)]
+        ]
+        compensating = comps + [r for d in undone_children for r in comps_of(d)]
+        if compensating:
             forward.checked += 1
             rerun.checked += 1
-            began = min(r.started for r in comps)
-            late = [r for r in invokes if r.started > began]
+            began = min(r.started for r in compensating)
+            under = [tx, *descendants(tx)]
+            every_invoke = [
+                r for d in under for r in ledger.attempts.get(d, []) if r.action == "invoke"
+            ]
+            late = [r for r in every_invoke if r.started > began]
             if late:
-                forward.fail(tx, f"{late[0].step} #{late[0].attempt} started after compensation")
-            runs = [d for d in ledger.deliveries.get(tx, []) if d.action == "invoke"]
+                first = min(late, key=lambda r: r.started)
+                forward.fail(
+                    tx,
+                    f"{first.step} #{first.attempt} (of {first.tx}) started "
+                    f"{first.started - began:.3f} s after compensation began",
+                )
+            runs = [d for t in under for d in ledger.deliveries.get(t, []) if d.action == "invoke"]
             late_runs = [d for d in runs if d.started > began]
             if late_runs:
-                d = late_runs[0]
+                d = min(late_runs, key=lambda d: d.started)
                 rerun.fail(
                     tx,
                     f"{len(late_runs)} invoke run(s) after compensation began, e.g. {d.step} "
-                    f"#{d.attempt} (pid {d.pid}, {d.started - began:.3f} s after)",
+                    f"#{d.attempt} of {d.tx} (pid {d.pid}, {d.started - began:.3f} s after)",
                 )
 
     every_attempt = [a for rows in ledger.attempts.values() for a in rows]
@@ -387,6 +612,8 @@ def check_run(
     totals: dict[str, Any] = {
         "transactions": len(plans),
         "final states": dict(sorted(states.items())),
+        "nested transactions (children)": sum(nested_states.values()),
+        "nested final states": dict(sorted(nested_states.items())),
         "effects (successful invokes)": sum(
             1 for a in every_attempt if a.action == "invoke" and a.outcome == "ok"
         ),
@@ -404,13 +631,21 @@ def check_run(
     totals.update(figures or {})
     report = Report(totals, checks)
     if resources is not None:
-        finished = {tx for tx, r in finals.items() if r is not None and r.state.finished}
-        report.checks += check_resources(resources, set(plans), finished)
+        finished = {kv_key(t) for t, r in finals.items() if r is not None and r.state.finished}
+        report.checks += check_resources(resources, {kv_key(t) for t in known}, finished)
         report.sections["streams and buckets at the end"] = resources.describe()
     for check in checks:
         for tx in list(check.failures)[:2]:
-            report.examples.setdefault(tx, _describe(tx, plans[tx], finals.get(tx), ledger))
+            known_unit = by_tx.get(tx)
+            top = known_unit.top if known_unit is not None else tx
+            if top in plans:
+                report.examples.setdefault(tx, _describe(top, plans[top], finals, ledger, known))
     return report
+
+
+def nested_ids(plans: dict[str, Plan]) -> list[str]:
+    """The ids of the nested transactions the model says the started ones run."""
+    return [u.tx for tx, plan in plans.items() for u in units_of(tx, plan) if u.parent]
 
 
 # --- the streams and buckets at the end ---------------------------------------------------------

@@ -41,7 +41,16 @@ from orchestrator._client import Client
 from transport import KeyValue, NatsServer, NatsTransport
 
 from .app import open_ledger
-from .check import Plan, Report, Resources, StreamSize, check_run, make_plan, read_ledger
+from .check import (
+    Plan,
+    Report,
+    Resources,
+    StreamSize,
+    check_run,
+    make_plan,
+    nested_ids,
+    read_ledger,
+)
 
 APP = Path(__file__).with_name("app.py")
 PREFIX = "chaos"
@@ -373,6 +382,8 @@ class Run:
     submitted: dict[str, float] = field(default_factory=dict)
     start_failures: dict[str, str] = field(default_factory=dict)
     kills: Counter[str] = field(default_factory=Counter)
+    coordinator_kills: list[float] = field(default_factory=list)
+    """Wall-clock times of the coordinator kills."""
     services: list[Service] = field(default_factory=list)
 
 
@@ -430,6 +441,8 @@ async def _faults(run: Run, tg: TaskGroup, stop: anyio.Event, began: float) -> N
             victim = rng.choice(candidates)
             victim.restarting = True
             run.kills[kind] += 1
+            if kind == "coordinator":
+                run.coordinator_kills.append(time.time())
             tg.start_soon(victim.restart, tg)
 
     async def kill_nats() -> None:
@@ -449,11 +462,27 @@ async def _faults(run: Run, tg: TaskGroup, stop: anyio.Event, began: float) -> N
 
 
 async def _final_states(
-    run: Run, client: Client, deadline: float
+    run: Run, client: Client, deadline: float, ledger: Path
 ) -> dict[str, WorkflowResult | None]:
-    """Poll the transactions' states until all are final or the deadline passes."""
-    finals: dict[str, WorkflowResult | None] = dict.fromkeys(run.plans)
-    pending = set(run.submitted)
+    """Poll the transactions' states until all are final or the deadline passes: the started
+    ones, then the nested ones (those the model says they ran, and any other the ledger
+    names), which are final before their parents (a parent's nested step ends when its child
+    does, and so does its compensation)."""
+    finals = await _poll(client, set(run.plans), set(run.submitted), deadline)
+    nested = set(nested_ids(run.plans)) | (set(read_ledger(ledger).attempts) - set(run.plans))
+    # the nested ones get a deadline of their own: should a child never have been started
+    # (the check then says so), the wait is bounded
+    finals.update(await _poll(client, nested, nested, min(deadline, time.monotonic() + 15)))
+    return finals
+
+
+async def _poll(
+    client: Client, ids: set[str], pending: set[str], deadline: float
+) -> dict[str, WorkflowResult | None]:
+    """The states of ``ids``, polled until those ``pending`` are final or the deadline
+    passes."""
+    finals: dict[str, WorkflowResult | None] = dict.fromkeys(ids)
+    pending = set(pending)
     limiter = anyio.CapacityLimiter(32)
 
     async def read(tx: str) -> None:
@@ -570,7 +599,7 @@ async def _run(run: Run, replicas: int) -> Report:
                         for service in run.services:
                             await service.idle.wait()
                     finals = await _final_states(
-                        run, client, time.monotonic() + config.settle_timeout
+                        run, client, time.monotonic() + config.settle_timeout, ledger
                     )
                     settled = time.monotonic()
                     resources = await measure_resources(
@@ -587,7 +616,8 @@ async def _run(run: Run, replicas: int) -> Report:
         await _kill_all(run.services)
 
     fault_window = faults_ended - began
-    finished = [r.finished_at for r in finals.values() if r is not None and r.state.finished]
+    started = [finals.get(tx) for tx in run.plans]  # the nested ones left out
+    finished = [r.finished_at for r in started if r is not None and r.state.finished]
     under_faults = sum(1 for t in finished if t is not None and t <= wall_faults_ended)
     last = max((t for t in finished if t is not None), default=wall_began)
     figures.update(
@@ -602,10 +632,34 @@ async def _run(run: Run, replicas: int) -> Report:
             "throughput overall (tx/s)": round(len(finished) / max(last - wall_began, 1e-9), 1),
         }
     )
+    figures.update(_nested_figures(run, finals, config.partitions))
     if run.start_failures:
         tx, why = next(iter(run.start_failures.items()))
         figures["first start failure"] = f"{tx}: {why}"
     return check_run(run.plans, finals, read_ledger(ledger), figures, resources)
+
+
+def _nested_figures(
+    run: Run, finals: dict[str, WorkflowResult | None], partitions: int
+) -> dict[str, Any]:
+    """How much the nesting was exposed to the coordinator kills: the nested transactions in
+    another partition than their parent's (so often on the other coordinator), and those live
+    when a coordinator was killed (created, not yet finished)."""
+    subjects = Subjects(PREFIX, partitions)
+    nested = [(tx, r) for tx, r in finals.items() if tx not in run.plans and r is not None]
+    elsewhere = sum(
+        1 for tx, _ in nested if subjects.partition(tx) != subjects.partition(tx.split(":", 1)[0])
+    )
+    live = 0
+    for _, r in nested:
+        if r.created_at is None:
+            continue
+        end = r.finished_at if r.finished_at is not None else float("inf")
+        live += any(r.created_at <= t <= end for t in run.coordinator_kills)
+    return {
+        "nested: in another partition than the parent": f"{elsewhere} of {len(nested)}",
+        "nested: live across a coordinator kill": live,
+    }
 
 
 async def _kill_all(services: list[Service]) -> None:
