@@ -712,7 +712,15 @@ class _Machine(Resolver):
     def on_retry_step(self, event: RetryStep) -> None:
         node = self.graph.index.get(event.step)
         record = self.state.steps.get(event.step)
-        if node is None or record is None or not (record.state == INVOKING and record.awaiting):
+        # An async step may be retried whether its handler returned (it awaits an answer) or
+        # still runs in the background, as set_step_success/failure accept it; a late answer of
+        # the old attempt is then stale and ignored.
+        if (
+            node is None
+            or record is None
+            or record.state != INVOKING
+            or not (record.awaiting or (record.running and node.name in self.graph.async_nodes))
+        ):
             self.commands.append(
                 Reject(message=f"step {event.step!r} is not awaiting a response; nothing to retry")
             )

@@ -280,6 +280,37 @@ async def test_retry_step_reinvokes_an_awaiting_step(make_engine, kit, collect) 
     assert final.step_table["poll"].attempts == 2
 
 
+async def test_retry_step_reinvokes_a_background_step_still_running(make_engine, kit) -> None:
+    release = anyio.Event()
+
+    @create_step("slow-poll", async_=True)
+    async def slow_poll(data: Any, ctx: StepContext) -> Any:
+        kit.log.append(f"poll:{ctx.attempt}")
+        if ctx.attempt == 1:
+            await release.wait()  # still running in the background when the retry comes
+            return {"answer": "late"}
+        return {"answer": ctx.attempt}
+
+    @create_workflow("retry-running")
+    def wf(input: WorkflowData) -> Any:
+        return slow_poll(input)
+
+    async with make_engine([wf], container=kit.container) as engine:
+        with anyio.fail_after(5):
+            first = await engine.run(wf, transaction_id="rr-1")
+            assert first.state is TransactionState.INVOKING
+            await kit.logged("poll:1")
+            await engine.retry_step("retry-running:rr-1:slow-poll:invoke")
+            final = await engine.wait("rr-1")
+            release.set()  # the first attempt answers now: stale, ignored
+            again = await engine.get("rr-1")
+
+    assert final.state is TransactionState.DONE
+    assert final.result == {"answer": 2}
+    assert final.step_table["slow-poll"].attempts == 2
+    assert again.result == {"answer": 2}
+
+
 # ------------------------------------------------------------------------------ timeouts
 async def test_step_timeout_cancels_handler_and_compensates(make_engine, kit, collect) -> None:
     cancelled = anyio.Event()
