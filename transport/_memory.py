@@ -122,6 +122,7 @@ class MemoryTransport(Transport):
         self._subscriptions: list[_Subscription] = []
         self._routes: dict[str, _Route] = {}
         self._heads: dict[str, tuple[_Subscription, ...]] = {}
+        self._interest: dict[str, bool] = {}
         self._replies: dict[str, Callable[[Msg], None]] = {}
         self._inbox = f"_INBOX.{secrets.token_hex(8)}."
         self._inbox_ids = itertools.count(1)
@@ -199,8 +200,19 @@ class MemoryTransport(Transport):
         route = self._routes.get(subject)
         if route is not None:
             return not route.empty
-        # Callers ask about one-off subjects (one per transaction), so the answer is not cached
-        # per subject; the subscriptions that could match a subject's first two tokens are.
+        # A transaction's coordinator asks about its event subject once per turn: the answers
+        # are kept (a bounded number, all forgotten whenever the subscriptions change).
+        known = self._interest.get(subject)
+        if known is not None:
+            return known
+        if len(self._interest) > 4096:
+            self._interest.clear()
+        known = self._interest[subject] = self._has_interest(subject)
+        return known
+
+    def _has_interest(self, subject: str) -> bool:
+        # Subjects are mostly one-off (one per transaction): the subscriptions that could match
+        # a subject's first two tokens are kept too, for the next transaction's subject.
         head = subject.split(".", 2)
         key = ".".join(head[:2])
         candidates = self._heads.get(key)
@@ -224,6 +236,7 @@ class MemoryTransport(Transport):
         self._subscriptions.append(subscription)
         self._routes.clear()
         self._heads.clear()
+        self._interest.clear()
         return subscription
 
     async def request(
@@ -278,6 +291,7 @@ class MemoryTransport(Transport):
             self._subscriptions.remove(subscription)
             self._routes.clear()
             self._heads.clear()
+        self._interest.clear()
 
     # --- work queues ------------------------------------------------------------------------
 

@@ -25,6 +25,22 @@ async def memory() -> AsyncIterator[MemoryTransport]:
         yield transport
 
 
+async def test_has_interest_follows_the_subscriptions(memory: MemoryTransport) -> None:
+    subject = "orch.evt.wf.tx-1"
+    await memory.subscribe("orch.api.*", lambda m: None)
+    assert memory.has_interest(subject) is False
+    assert memory.has_interest(subject) is False  # asked again: the same answer
+    every = await memory.subscribe("orch.evt.wf.*", lambda m: None)
+    assert memory.has_interest(subject) is True
+    assert memory.has_interest("orch.evt.other.tx-1") is False
+    await every.unsubscribe()
+    assert memory.has_interest(subject) is False
+    one = await memory.subscribe(subject, lambda m: None)
+    assert memory.has_interest(subject) is True
+    await one.unsubscribe()
+    assert memory.has_interest(subject) is False
+
+
 async def test_publish_calls_handlers_inline_in_order(memory: MemoryTransport) -> None:
     calls: list[str] = []
     await memory.subscribe("a.*", lambda m: calls.append("plain 1"))
