@@ -96,6 +96,8 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
         self.transaction_id = transaction_id
         self.event_subject = host.subjects.event(workflow, transaction_id)
         self.partition = host.subjects.partition(transaction_id)
+        self.subject = host.subjects.tx_partition(self.partition)
+        """Where this transaction's messages go (step results, among others)."""
         self.state: TxState | None = None
         self.graph: Graph | None = None
         self.loaded = False
@@ -227,7 +229,7 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
             elif not finished and (initial is None or state.version != initial.version):
                 host.fence(self.partition)
                 await host.store.save(state)
-            await host.execute(state, commands)
+            await host.execute(state, commands, self.subject)
             if answer_parent:
                 await host.notify_parent(state, action="compensate")
             settled = not finished and graph.has_async and is_settled(graph, state)
@@ -488,14 +490,17 @@ class CoordinatorHost:
             watcher(kind, state)
 
     # -- commands
-    async def execute(self, state: TxState, commands: Iterable[Command]) -> None:
-        """Carry out ``commands`` (a :class:`Reject` is answered by the caller)."""
+    async def execute(
+        self, state: TxState, commands: Iterable[Command], reply_subject: str | None = None
+    ) -> None:
+        """Carry out ``commands`` (a :class:`Reject` is answered by the caller); step results
+        go to ``reply_subject`` (default: the transaction's partition subject)."""
         transport = self.transport
         subjects = self.subjects
         tx = state.transaction_id
         wf = state.workflow
         graph = self.graphs[wf]
-        reply_subject = subjects.tx(tx)
+        reply_subject = reply_subject or subjects.tx(tx)
         step_subjects = self._step_subjects
         # Handlers get a cancel scope only when something may abort them: a workflow timeout,
         # or a parent whose own timeout cancels this nested transaction.
