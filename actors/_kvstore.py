@@ -103,7 +103,13 @@ class KvStore(Store):
         return state
 
     async def read(self, transaction_id: str) -> TxState | None:
-        return _newest(*await self._fetch(kv_key(transaction_id)))
+        key = kv_key(transaction_id)
+        done, live = await self._fetch(key)
+        if done is None and live is None:
+            # Both reads may have fallen between a retirement's two writes (the retained copy
+            # is written first): look at the retained one again before saying "absent".
+            done = await self.done.get(key)
+        return _newest(done, live)
 
     async def _fetch(self, key: str) -> tuple[Entry | None, Entry | None]:
         """The key's entries in the retained and the live bucket."""
@@ -155,9 +161,13 @@ class KvStore(Store):
 
     async def list(self, workflow: str | None = None) -> list[TxState]:
         states: dict[str, TxState] = {}
-        for bucket in (self.done, self.live_bucket):  # live wins over a stale retained copy
+        # Live first: a transaction retired between the two reads is in one of them (its
+        # retained copy is written before its checkpoint is deleted). The newer copy wins.
+        for bucket in (self.live_bucket, self.done):
             for state in await _states(bucket):
-                states[state.transaction_id] = state
+                known = states.get(state.transaction_id)
+                if known is None or state.version > known.version:
+                    states[state.transaction_id] = state
         return [s for s in states.values() if workflow is None or s.workflow == workflow]
 
 

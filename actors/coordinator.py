@@ -103,6 +103,7 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
         self.loaded = False
         self.settled = False
         self.failures = 0
+        self.outages = 0
 
     # -- supervision
     async def on_failure(
@@ -120,7 +121,12 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
                         await work.nak()
             self.host._forget(self)
             return Directive.STOP
-        if not isinstance(exc, _PASSING):
+        if isinstance(exc, _PASSING):
+            # Wait a little before the next try (the store or NATS may be down for a while),
+            # longer each time in a row.
+            self.outages += 1
+            await anyio.sleep(min(2.0, 0.05 * 2**self.outages))
+        else:
             self.failures += 1
         giving_up = self.failures > MAX_RESTARTS
         log.error(
@@ -144,8 +150,10 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
     async def on_restart(self) -> None:
         self.loaded = False
         self.state = None
-        # The failed turn may have persisted its state and lost its commands: send them again.
-        self.mailbox.send((self.host.resume_message(self.workflow, self.transaction_id), None))
+        if not self.stopped:
+            # The failed turn may have persisted its state and lost its commands (or its
+            # finish's messages): let them out again.
+            self.mailbox.send((self.host.resume_message(self.workflow, self.transaction_id), None))
 
     def idle(self) -> bool:
         # Passivate when the transaction only waits (async steps, timers) or is over: the state
@@ -223,13 +231,23 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
             finished = state.status in _FINAL
             # Persist first, then let anything out: whoever hears an event finds the state that
             # produced it (a finished transaction is persisted by moving it to the retained set).
-            if any(isinstance(c, Finished) for c in commands):
-                host.fence(self.partition)
-                await host.retire(state)
-            elif not finished and (initial is None or state.version != initial.version):
+            retire = any(isinstance(c, Finished) for c in commands)
+            if retire and state.parent is not None:
+                # A nested transaction tells its parent before it retires: a crash in between
+                # leaves a checkpoint, which whoever takes the partition over resumes (and so
+                # answers the parent), where a retired one would be forgotten.
                 host.fence(self.partition)
                 await host.store.save(state)
-            await host.execute(state, commands, self.subject)
+                await host.execute(state, commands, self.subject)
+                await host.retire(state)
+            else:
+                if retire:
+                    host.fence(self.partition)
+                    await host.retire(state)
+                elif not finished and (initial is None or state.version != initial.version):
+                    host.fence(self.partition)
+                    await host.store.save(state)
+                await host.execute(state, commands, self.subject)
             if answer_parent:
                 await host.notify_parent(state, action="compensate")
             settled = not finished and graph.has_async and is_settled(graph, state)
@@ -270,7 +288,7 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
             await host.reply(subject, reply)
         for work in acks:
             await work.ack()
-        self.failures = 0
+        self.failures = self.outages = 0
 
     def _event(
         self,
@@ -315,6 +333,10 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
             elif isinstance(event, Cancel) and event.parent_attempt:
                 later.append(host.answer_missing_child(msg))
             return None
+        if isinstance(event, Resume) and self.state.status in _FINAL:
+            # Resumed after it finished (a restart, or a takeover of a checkpoint the finish
+            # left): what the finish let out may not have gone; let it out again.
+            later.append(host.refinish(self.state))
         return event
 
 
@@ -680,6 +702,12 @@ class CoordinatorHost:
         self._forget_tx(msg.transaction_id)
         if work is not None:
             await work.term()
+
+    async def refinish(self, state: TxState) -> None:
+        """Let out again what a finished transaction's finish did: its parent's answer and its
+        finish event, and move it to the retained set (again: that is harmless)."""
+        await self.announce(state, to_parent=True)
+        await self.retire(state)
 
     async def announce(self, state: TxState, *, to_parent: bool = False) -> None:
         """A start of a transaction that exists: say on its event subject how it ended (or that

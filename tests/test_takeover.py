@@ -24,24 +24,25 @@ child = create_workflow("tk-child", lambda inp: double(inp))
 parent = create_workflow("tk-parent", lambda inp: child.run_as_step(input=inp))
 
 
-async def test_a_parent_whose_child_finished_unheard_completes_on_resume() -> None:
-    # The child finished, but its coordinator died before telling the parent (the child was
-    # retired, its ChildFinished never sent); the parent's checkpoint still has the nested
-    # step running.
+async def _crashed_store(*, child_retired: bool) -> MemoryStore:
+    """The states a crash leaves when a finished child's answer never reached its parent."""
     store = MemoryStore()
     async with LocalEngine([parent], store=store) as engine:
         done = await engine.run(parent, {"n": 21}, transaction_id="p-1")
     assert done.result == {"n": 42}
     state = await store.read("p-1")
+    child_state = await store.read("p-1:tk-child-as-step")
     assert state is not None
+    assert child_state is not None
     step = "tk-child-as-step"
     record = msgspec.structs.replace(
         state.steps[step], state="invoking", running=True, output=None, finished_at=None
     )
     crashed = MemoryStore()
-    child_state = await store.read("p-1:tk-child-as-step")
-    assert child_state is not None
-    await crashed.finish(child_state, retention=3600)
+    if child_retired:
+        await crashed.finish(child_state, retention=3600)
+    else:  # finished, persisted, not yet retired
+        await crashed.save(child_state)
     await crashed.save(
         msgspec.structs.replace(
             state,
@@ -51,7 +52,29 @@ async def test_a_parent_whose_child_finished_unheard_completes_on_resume() -> No
             steps={**state.steps, step: record},
         )
     )
+    return crashed
 
+
+async def test_a_finished_child_left_live_answers_its_parent_when_resumed() -> None:
+    # The child's coordinator persisted the child's finish and died before telling the parent:
+    # whoever takes the child's partition over resumes it (it is still a live checkpoint).
+    crashed = await _crashed_store(child_retired=False)
+    async with LocalEngine([parent], store=crashed) as engine:
+        host = engine._host
+        host.route(host.resume_message("tk-child", "p-1:tk-child-as-step"), None)
+        with anyio.fail_after(10):
+            result = await engine.wait("p-1")
+        live = [s.transaction_id for s in await crashed.live()]
+
+    assert result.state is TransactionState.DONE
+    assert result.result == {"n": 42}
+    assert live == []  # the child was retired on the way
+
+
+async def test_a_parent_whose_child_finished_unheard_completes_on_resume() -> None:
+    # The child finished and was retired, its answer lost; the parent's checkpoint still has the
+    # nested step running: resuming the parent starts the child again, which answers at once.
+    crashed = await _crashed_store(child_retired=True)
     async with LocalEngine([parent], store=crashed) as engine:
         host = engine._host
         host.route(host.resume_message("tk-parent", "p-1"), None)  # as a takeover does
