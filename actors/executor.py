@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -21,7 +22,7 @@ from orchestrator._errors import (
 from orchestrator._step import SkipStep, Step, StepContext, StepResponse, _HandlerSpec
 from orchestrator._transaction import StepDone, StepFailed, error_from_exception, is_outstanding
 from orchestrator._types import StepError
-from transport import Consumer, Msg, Transport, WorkMsg
+from transport import Consumer, Msg, Transport, TransportError, WorkMsg
 
 from ._store import Store
 from ._subjects import DEFAULT_ACK_WAIT, Subjects
@@ -35,9 +36,10 @@ log = structlog.get_logger("orchestrator.executor")
 DEFAULT_IN_FLIGHT = 1024
 """Un-acked commands a step executor takes at once when the step sets no ``concurrency``."""
 
-DEFAULT_MAX_DELIVER = 5
+DEFAULT_MAX_DELIVER = 10
 """Deliveries of one step command (one attempt) before the step fails for good: a handler that
-crashes or kills its worker every time must not be redelivered forever."""
+crashes or kills its worker every time must not be redelivered forever. Deliveries also pile up
+while NATS is failing over (a cluster node lost), hence some room."""
 
 _Key = tuple[str, str, int]
 
@@ -123,7 +125,16 @@ class StepExecutor:
             await work.term()
             return
         host = self.host
-        if work.num_delivered > 1 and not await host.outstanding(cmd):
+        try:
+            outstanding = work.num_delivered == 1 or await host.outstanding(cmd)
+        except TransportError as exc:
+            # The store cannot be read now (NATS failing over): try again in a while, rather
+            # than at once, so an outage spends few of the command's deliveries.
+            log.warning("cannot check a redelivered command", step=cmd.step, error=str(exc))
+            with contextlib.suppress(Exception):
+                await work.nak(delay=host.ack_wait)
+            return
+        if not outstanding:
             # Delivered again (its worker died before acking) but already answered: a step whose
             # result is recorded never runs again.
             log.info("answered step command dropped", step=cmd.step, transaction=cmd.transaction_id)
