@@ -232,22 +232,20 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
             # Persist first, then let anything out: whoever hears an event finds the state that
             # produced it (a finished transaction is persisted by moving it to the retained set).
             retire = any(isinstance(c, Finished) for c in commands)
-            if retire and state.parent is not None:
-                # A nested transaction tells its parent before it retires: a crash in between
-                # leaves a checkpoint, which whoever takes the partition over resumes (and so
-                # answers the parent), where a retired one would be forgotten.
+            nested = state.parent is not None
+            if retire or (not finished and (initial is None or state.version != initial.version)):
                 host.fence(self.partition)
-                await host.store.save(state)
-                await host.execute(state, commands, self.subject)
-                await host.retire(state)
-            else:
-                if retire:
-                    host.fence(self.partition)
+                if retire and not nested:
                     await host.retire(state)
-                elif not finished and (initial is None or state.version != initial.version):
-                    host.fence(self.partition)
+                else:
+                    # A nested transaction keeps its final state as a checkpoint until it told
+                    # its parent: a crash in between leaves it to whoever takes the partition
+                    # over, who resumes it (and so answers the parent); a retired one would be
+                    # forgotten.
                     await host.store.save(state)
-                await host.execute(state, commands, self.subject)
+            await host.execute(state, commands, self.subject)
+            if retire and nested:
+                await host.retire(state)
             if answer_parent:
                 await host.notify_parent(state, action="compensate")
             settled = not finished and graph.has_async and is_settled(graph, state)
@@ -259,19 +257,7 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
             )
             if settled and not was_settled:
                 host.notify("suspend", state)
-                if state.parent is not None:
-                    await host.notify_parent_suspended(state)
-                if interest:
-                    await host.publish_event(
-                        LifecycleEvent(
-                            type="suspend",
-                            workflow=state.workflow,
-                            transaction_id=state.transaction_id,
-                            timestamp=now,
-                            state=state.status,
-                            summary=to_result(state, graph),
-                        )
-                    )
+                await host.announce(state, to_parent=True)  # parent, and `suspend` event
             self.settled = settled
         for pending in later:
             await pending
@@ -513,16 +499,15 @@ class CoordinatorHost:
 
     # -- commands
     async def execute(
-        self, state: TxState, commands: Iterable[Command], reply_subject: str | None = None
+        self, state: TxState, commands: Iterable[Command], reply_subject: str
     ) -> None:
         """Carry out ``commands`` (a :class:`Reject` is answered by the caller); step results
-        go to ``reply_subject`` (default: the transaction's partition subject)."""
+        go to ``reply_subject`` (the transaction's partition subject)."""
         transport = self.transport
         subjects = self.subjects
         tx = state.transaction_id
         wf = state.workflow
         graph = self.graphs[wf]
-        reply_subject = reply_subject or subjects.tx(tx)
         step_subjects = self._step_subjects
         # Handlers get a cancel scope only when something may abort them: a workflow timeout,
         # or a parent whose own timeout cancels this nested transaction.
@@ -710,12 +695,12 @@ class CoordinatorHost:
         await self.retire(state)
 
     async def announce(self, state: TxState, *, to_parent: bool = False) -> None:
-        """A start of a transaction that exists: say on its event subject how it ended (or that
-        it only waits), for whoever started it again and waits; a running one says so itself.
+        """Say on its event subject how a transaction ended (``finish``) or that it only waits
+        (``suspend``): when it comes to wait, and again on a start of a transaction that exists,
+        for whoever started it again and waits (a running one says so itself in time).
 
-        ``to_parent``: the start came from the parent step (sent again after a takeover): tell
-        the parent too, since the first answer may have died with a coordinator (the message
-        ids make a second answer harmless).
+        ``to_parent``: tell the parent step too (a start from it, sent again after a takeover,
+        may mean the first answer died with a coordinator; message ids make a repeat harmless).
         """
         graph = self.graphs.get(state.workflow)
         if state.status in _FINAL:
