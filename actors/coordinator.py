@@ -51,7 +51,7 @@ from transport import Consumer, QueueConfig, Transport, TransportError, WorkMsg
 from ._kvstore import StoreConflictError
 from ._leases import LeaseLostError, PartitionLeases
 from ._store import Store
-from ._subjects import Subjects
+from ._subjects import Subjects, token
 from ._system import Actor, ActorSystem, Directive
 from ._timers import Timers
 from .messages import (
@@ -94,9 +94,9 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
         self.host = host
         self.workflow = workflow
         self.transaction_id = transaction_id
-        self.event_subject = host.subjects.event(workflow, transaction_id)
+        self.event_subject = host.event_subject(workflow, transaction_id)
         self.partition = host.subjects.partition(transaction_id)
-        self.subject = host.subjects.tx_partition(self.partition)
+        self.subject = host.partition_subjects[self.partition]
         """Where this transaction's messages go (step results, among others)."""
         self.state: TxState | None = None
         self.graph: Graph | None = None
@@ -181,7 +181,6 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
         commands: list[Command] = []
         replies: list[tuple[str, TxReply]] = []
         acks: list[WorkMsg] = []
-        answer_parent = False
         events: list[Event] = []
         later: list[Awaitable[None]] = []
         for msg, work in batch:
@@ -216,23 +215,15 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
             assert self.state is not None
             self.state, cmds = apply_all(graph, self.state, events, now=now, events=interest)
             commands.extend(cmds)
-        if self.state is not None and self.state.status in _FINAL:
-            answer_parent = any(
-                isinstance(msg, TxEvent)
-                and isinstance(msg.event, Cancel)
-                and msg.event.parent_attempt
-                for msg, _ in batch
-            ) and not any(isinstance(c, Finished) for c in commands)
-        final_state = self.state
-        if final_state is not None and final_state is not initial:
-            state = final_state
+        state = self.state
+        if state is not None and state is not initial:
             graph = self.graph
             assert graph is not None
             finished = state.status in _FINAL
+            retire = finished and any(isinstance(c, Finished) for c in commands)
+            nested = state.parent is not None
             # Persist first, then let anything out: whoever hears an event finds the state that
             # produced it (a finished transaction is persisted by moving it to the retained set).
-            retire = any(isinstance(c, Finished) for c in commands)
-            nested = state.parent is not None
             if retire or (not finished and (initial is None or state.version != initial.version)):
                 host.fence(self.partition)
                 if retire and not nested:
@@ -246,24 +237,26 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
             await host.execute(state, commands, self.subject)
             if retire and nested:
                 await host.retire(state)
-            if answer_parent:
+            if finished and not retire and _cancelled_by_parent(batch):
                 await host.notify_parent(state, action="compensate")
-            settled = not finished and graph.has_async and is_settled(graph, state)
-            was_settled = (
-                initial is not None
-                and initial.status not in _FINAL
-                and graph.has_async
-                and is_settled(graph, initial)
-            )
-            if settled and not was_settled:
-                host.notify("suspend", state)
-                await host.announce(state, to_parent=True)  # parent, and `suspend` event
-            self.settled = settled
+            if graph.has_async:
+                settled = not finished and is_settled(graph, state)
+                was_settled = (
+                    initial is not None
+                    and initial.status not in _FINAL
+                    and is_settled(graph, initial)
+                )
+                if settled and not was_settled:
+                    host.notify("suspend", state)
+                    await host.announce(state, to_parent=True)  # parent, and `suspend` event
+                self.settled = settled
+            else:
+                self.settled = False
         for pending in later:
             await pending
-        if self.state is not None:
+        if replies and state is not None:
             # Callers that wait for the outcome need to know where the transaction stands.
-            status = self.state.status
+            status = state.status
             replies = [
                 (subject, msgspec.structs.replace(r, state=status, settled=self.settled))
                 if r.ok
@@ -361,6 +354,9 @@ class CoordinatorHost:
         self.executors: ExecutorHost | None = None
         """Step executors in this process (local mode): step commands go straight to them."""
         self._step_subjects: dict[str, str] = {}
+        self._event_prefixes: dict[str, str] = {}
+        self.partition_subjects = [subjects.tx_partition(p) for p in range(subjects.partitions)]
+        """The subject of each partition, by number."""
 
     async def start(self) -> None:
         """Create the work queue (idempotent), arm the timer task and start consuming: every
@@ -477,6 +473,13 @@ class CoordinatorHost:
     def _forget(self, actor: CoordinatorActor) -> None:
         if self.actors.get(actor.transaction_id) is actor:
             del self.actors[actor.transaction_id]
+
+    def event_subject(self, workflow: str, transaction_id: str) -> str:
+        """``subjects.event(workflow, transaction_id)``, with the workflow's part kept."""
+        head = self._event_prefixes.get(workflow)
+        if head is None:
+            head = self._event_prefixes[workflow] = self.subjects.event(workflow, "")
+        return head + token(transaction_id)
 
     # -- local notifications (LocalEngine waits on these)
     def watch(self, transaction_id: str, watcher: Watcher) -> Callable[[], None]:
@@ -777,6 +780,14 @@ class CoordinatorHost:
             now=cmd.at, kind=cmd.kind, step=cmd.step, action=cmd.action, attempt=cmd.attempt
         )
         self.route(TxEvent(workflow=workflow, transaction_id=tx, event=event), None)
+
+
+def _cancelled_by_parent(batch: list[tuple[Any, WorkMsg | None]]) -> bool:
+    """Whether a message of ``batch`` is a parent step's compensation of this transaction."""
+    return any(
+        isinstance(msg, TxEvent) and isinstance(msg.event, Cancel) and msg.event.parent_attempt
+        for msg, _ in batch
+    )
 
 
 def _answered(state: TxState) -> str:

@@ -183,15 +183,8 @@ class StepExecutor:
         if spec is None:  # nothing to undo
             return StepDone(now=clock(), step=step, action=action, attempt=attempt)
         key = (cmd.transaction_id, action, attempt)
-        ctx = StepContext(
-            workflow_id=cmd.workflow,
-            step_name=step,
-            action=action,
-            transaction_id=cmd.transaction_id,
-            attempt=attempt,
-            container=self.host.container,
-            context_bytes=cmd.context,
-        )
+        tx, container = cmd.transaction_id, self.host.container
+        ctx = StepContext._make(cmd.workflow, step, action, tx, attempt, container, cmd.context)
         try:
             value = decode(cmd.input)
             if spec.input_type is not None:

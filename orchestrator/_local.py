@@ -174,8 +174,10 @@ class LocalEngine(EngineAPI):
             raise ConfigurationError(
                 f"result_from: workflow {wf.name!r} has no step {result_from!r}"
             )
-        tx = transaction_id or new_transaction_id(wf.name)
-        state = await self._start(wf, tx, input, context, timeout, settle=True)
+        if transaction_id is None:  # a fresh id: nothing to attach to
+            state = await self._run(wf, new_transaction_id(wf.name), input, context, timeout)
+        else:
+            state = await self._attach_or_run(wf, transaction_id, input, context, timeout)
         return self._finish(state, throw_on_error, result_from)
 
     async def start(
@@ -211,33 +213,42 @@ class LocalEngine(EngineAPI):
         # a round trip through the queue, and its dedupe is the actor's own "already started".
         self._host.route(msg, None)
 
-    async def _start(
+    async def _attach_or_run(
         self,
         wf: Workflow,
         tx: str,
         input: Any,
         context: Mapping[str, Any] | None,
         timeout: float | None,
-        *,
-        settle: bool,
     ) -> TxState:
-        host = self._host
+        """Attach to the transaction ``tx`` if it exists, else start it (see :meth:`_run`)."""
         state = await self.store.read(tx)
         if state is not None:
             if state.workflow != wf.name:
                 raise ConfigurationError(
                     f"transaction {tx!r} belongs to workflow {state.workflow!r}, not {wf.name!r}"
                 )
-            return await self._await(tx, timeout, settle=settle)
+            return await self._await(tx, timeout, settle=True)
+        return await self._run(wf, tx, input, context, timeout)
+
+    async def _run(
+        self,
+        wf: Workflow,
+        tx: str,
+        input: Any,
+        context: Mapping[str, Any] | None,
+        timeout: float | None,
+    ) -> TxState:
+        """Start a transaction that does not exist yet; its state once it finishes or only
+        waits (on async steps)."""
         done = Signal()
         box: list[TxState] = []
 
         def watcher(kind: str, st: TxState) -> None:
-            if kind == "finish" or settle:
-                box.append(st)
-                done.set()
+            box.append(st)
+            done.set()
 
-        unwatch = host.watch(tx, watcher)
+        unwatch = self._host.watch(tx, watcher)
         try:
             self._send_start(wf, tx, input, context)
             await _wait(done, timeout)

@@ -206,6 +206,30 @@ class StepContext:
         self._context_bytes = context_bytes
         self._log: Any = None
 
+    @classmethod
+    def _make(
+        cls,
+        workflow_id: str,
+        step_name: str,
+        action: str,
+        transaction_id: str,
+        attempt: int,
+        container: Container,
+        context_bytes: bytes | None,
+    ) -> StepContext:
+        """The executor's constructor: positional, so a step's run pays no keyword binding."""
+        ctx = cls.__new__(cls)
+        ctx.workflow_id = workflow_id
+        ctx.step_name = step_name
+        ctx.action = action
+        ctx.transaction_id = transaction_id
+        ctx.attempt = attempt
+        ctx.container = container
+        ctx._context = None
+        ctx._context_bytes = context_bytes
+        ctx._log = None
+        return ctx
+
     @property
     def idempotency_key(self) -> str:
         """``"<workflow>:<transaction>:<step>:<action>"``: an opaque, stable key per step action."""

@@ -10,6 +10,7 @@ The rules are those of DESIGN.md section 3; the comments name the ones that are 
 from __future__ import annotations
 
 import linecache
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -486,7 +487,8 @@ class _Machine(Resolver):
             return None
         return values[0] if len(values) == 1 else values
 
-    def resolve_bytes(self, node_input: Any, what: str) -> bytes:
+    def resolve_bytes(self, node_input: Any, what: str, name: str | None = None) -> bytes:
+        """``node_input`` resolved and encoded; an error names ``what`` (and ``name``)."""
         # Fast path: a plain reference hands over the stored bytes (the consumer decodes its own
         # copy); anything else is resolved and encoded once.
         if type(node_input) is Ref and not node_input.path:
@@ -494,7 +496,7 @@ class _Machine(Resolver):
                 return self.state.input
             record = self.state.steps.get(node_input.source)
             return NONE if record is None or record.output is None else record.output
-        return encode_value(node_input.resolve(self), what)
+        return encode_value(node_input.resolve(self), what if name is None else f"{what} {name!r}")
 
     # -- dispatch
     def handle(self, event: Event, now: float | None = None) -> None:
@@ -578,7 +580,8 @@ class _Machine(Resolver):
         record.finished_at = self.now
         if action == COMPENSATE:
             record.comp = REVERTED
-            self.emit("compensate_step_success", node.name, attempt)
+            if self.events:
+                self.emit("compensate_step_success", node.name, attempt)
             return
         if event.skipped:
             record.state = SKIPPED
@@ -587,7 +590,8 @@ class _Machine(Resolver):
         record.state = DONE
         record.output = NONE if event.output is None else event.output
         record.comp_input = record.output if event.comp_input is None else event.comp_input
-        self.emit("step_success", node.name, attempt)
+        if self.events:
+            self.emit("step_success", node.name, attempt)
 
     def fail(self, node: Node, record: StepRecord, event: StepFailed) -> None:
         record.running = record.awaiting = False
@@ -893,7 +897,7 @@ class _Machine(Resolver):
             attempt = record.attempt
             if node.kind == "subflow":
                 try:
-                    data = self.resolve_bytes(node.input, f"input of step {node.name!r}")
+                    data = self.resolve_bytes(node.input, "input of step", node.name)
                 except Exception as exc:
                     self.fail_for_good(
                         node, record, error_from_exception(exc, node.name, action, attempt)
@@ -909,14 +913,15 @@ class _Machine(Resolver):
                 self.commands.append(self.invoke_command(node, record, data))
                 return
             try:
-                data = self.resolve_bytes(node.input, f"input of step {node.name!r}")
+                data = self.resolve_bytes(node.input, "input of step", node.name)
             except Exception as exc:
                 self.fail_for_good(
                     node, record, error_from_exception(exc, node.name, action, attempt)
                 )
                 return
             config = node.config
-            self.emit("step_begin", node.name, attempt)
+            if self.events:
+                self.emit("step_begin", node.name, attempt)
             self.commands.append(self.invoke_command(node, record, data))
             if config.async_ and config.timeout:
                 self.commands.append(
@@ -931,7 +936,8 @@ class _Machine(Resolver):
         record.comp = COMPENSATING
         record.comp_attempt += 1
         attempt = record.comp_attempt
-        self.emit("compensate_step_begin", node.name, attempt)
+        if self.events:
+            self.emit("compensate_step_begin", node.name, attempt)
         self.commands.append(self.compensate_command(node, record))
 
     def invoke_command(self, node: Node, record: StepRecord, data: bytes) -> Command:
@@ -992,7 +998,7 @@ class _Machine(Resolver):
                 continue
             if record.state == INVOKING:
                 try:
-                    data = self.resolve_bytes(node.input, f"input of step {node.name!r}")
+                    data = self.resolve_bytes(node.input, "input of step", node.name)
                 except Exception:  # it resolved when the attempt started; leave it to timeouts
                     continue
                 self.commands.append(self.invoke_command(node, record, data))
@@ -1023,9 +1029,10 @@ class _Machine(Resolver):
             self.dispatch_compensations()
 
     def dispatch_ready(self) -> None:
-        steps = self.state.steps
+        state = self.state
+        steps = state.steps
         for node in self.graph.nodes:
-            if self.state.status != T_INVOKING:
+            if state.status != T_INVOKING:
                 return
             if steps[node.name].state != NOT_STARTED:
                 continue
@@ -1036,20 +1043,19 @@ class _Machine(Resolver):
                     break
             if not ready:
                 continue
-            decided = self.decide_blocks(node)
-            if decided is None:  # a predicate raised: the step failed for good
-                if self.state.status != T_INVOKING:
-                    return
-                continue
-            if not decided:
-                record = self.rec(node.name)
-                record.state = SKIPPED
-                self.emit("step_skipped", node.name)
-                continue
+            if node.blocks:
+                decided = self.decide_blocks(node)
+                if decided is None:  # a predicate raised: the step failed for good
+                    continue
+                if not decided:
+                    record = self.rec(node.name)
+                    record.state = SKIPPED
+                    self.emit("step_skipped", node.name)
+                    continue
             record = self.rec(node.name)
             if node.kind == "hook":
                 try:
-                    payload = self.resolve_bytes(node.input, f"payload of hook {node.name!r}")
+                    payload = self.resolve_bytes(node.input, "payload of hook", node.name)
                 except Exception as exc:
                     record.attempt = 1
                     self.fail_for_good(
@@ -1216,6 +1222,10 @@ _STEP_STATE = {
 }
 
 
+_TX_STATE = {s.value: s for s in TransactionState}
+"""``TransactionState(value)`` without the enum's call (a tenth of ``to_result``)."""
+
+
 def _public_state(record: StepRecord) -> StepState:
     if record.comp == COMPENSATING:
         return StepState.COMPENSATING
@@ -1228,26 +1238,30 @@ def _public_state(record: StepRecord) -> StepState:
 
 def to_result(state: TxState, graph: Graph | None = None) -> WorkflowResult:
     """The public picture of a transaction."""
-    names = [n.name for n in graph.nodes] if graph is not None else list(state.steps)
-    steps = tuple(
-        StepInfo(
-            name=name,
-            state=_public_state(state.steps[name]),
-            attempts=state.steps[name].attempt,
-            compensate_attempts=state.steps[name].comp_attempt,
-            started_at=state.steps[name].started_at,
-            finished_at=state.steps[name].finished_at,
-        )
-        for name in names
-        if name in state.steps
-    )
+    names: Iterable[str]
+    records = state.steps
+    names = records if graph is None else graph.index  # composition order
+    steps = []
+    for name in names:
+        record = records.get(name)
+        if record is not None:
+            steps.append(
+                StepInfo(
+                    name=name,
+                    state=_public_state(record),
+                    attempts=record.attempt,
+                    compensate_attempts=record.comp_attempt,
+                    started_at=record.started_at,
+                    finished_at=record.finished_at,
+                )
+            )
     return WorkflowResult(
         workflow=state.workflow,
         transaction_id=state.transaction_id,
-        state=TransactionState(state.status),
+        state=_TX_STATE[state.status],
         result=decode(state.result) if state.result is not None else None,
         errors=tuple(state.errors),
-        steps=steps,
+        steps=tuple(steps),
         created_at=state.created_at,
         finished_at=state.finished_at,
     )
