@@ -252,18 +252,13 @@ class Actor(Generic[M]):
 
     async def _turn(self) -> None:
         mailbox = self.mailbox
+        items = mailbox._items
         # An actor that handles messages one by one gets batches of one, so a failure concerns
         # that message only and the ones after it stay queued.
         one_by_one = type(self).on_batch is Actor.on_batch
         try:
-            while not self._stopped:
-                if one_by_one:
-                    message = mailbox.get_nowait()
-                    batch = [] if message is None else [message]
-                else:
-                    batch = mailbox.drain()
-                if not batch:
-                    break
+            while items and not self._stopped:
+                batch = [items.popleft()] if one_by_one else mailbox.drain()
                 try:
                     await self.on_batch(batch)
                 except Exception as exc:

@@ -182,7 +182,6 @@ class StepExecutor:
         spec = definition.invoke if action == "invoke" else definition.compensation
         if spec is None:  # nothing to undo
             return StepDone(now=clock(), step=step, action=action, attempt=attempt)
-        key = (cmd.transaction_id, action, attempt)
         tx, container = cmd.transaction_id, self.host.container
         ctx = StepContext._make(cmd.workflow, step, action, tx, attempt, container, cmd.context)
         try:
@@ -196,6 +195,7 @@ class StepExecutor:
                         f"{getattr(spec.input_type, '__name__', spec.input_type)}: {exc}"
                     ) from None
             if cmd.abortable:
+                key = (tx, action, attempt)
                 with anyio.CancelScope() as scope:
                     self.running[key] = scope
                     try:
@@ -285,7 +285,7 @@ def _classify(cmd: StepCommand, result: Any, now: float) -> StepDone | StepFaile
         return StepDone(now=now, step=step, action=action, attempt=attempt, awaiting=True)
     try:
         if isinstance(result, StepResponse):
-            output = encode_value(result.output, f"the output of step {step!r}")
+            output = encode_value(result.output, "the output of step", step)
             if result.compensate_input is result.output:
                 comp_input = output
             else:
@@ -293,7 +293,7 @@ def _classify(cmd: StepCommand, result: Any, now: float) -> StepDone | StepFaile
                     result.compensate_input, f"the compensate_input of step {step!r}"
                 )
         else:
-            output = comp_input = encode_value(result, f"the output of step {step!r}")
+            output = comp_input = encode_value(result, "the output of step", step)
     except TypeError as exc:
         return _failed(cmd, now, _error(cmd, StepOutputError.__name__, str(exc)), True)
     return StepDone(

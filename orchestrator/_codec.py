@@ -18,11 +18,14 @@ EMPTY_MAP = encode({})
 """An empty run context, encoded."""
 
 
-def encode_value(value: Any, what: str) -> bytes:
-    """Encode ``value``; raise ``TypeError`` that names ``what`` and the offending type."""
+def encode_value(value: Any, what: str, name: str | None = None) -> bytes:
+    """Encode ``value``; raise ``TypeError`` that names ``what`` (followed by ``name``, quoted,
+    when given: the text is only built for the error) and the offending type."""
     try:
         return _encoder.encode(value)
     except (TypeError, msgspec.EncodeError, OverflowError) as exc:
+        if name is not None:
+            what = f"{what} {name!r}"
         raise TypeError(
             f"{what} cannot be encoded ({type(value).__name__}): {exc}; values that cross a step "
             "boundary must be msgspec-encodable (JSON types, Structs, dataclasses, datetimes...)"

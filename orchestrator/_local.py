@@ -204,7 +204,7 @@ class LocalEngine(EngineAPI):
         self, wf: Workflow, tx: str, input: Any, context: Mapping[str, Any] | None
     ) -> None:
         try:
-            data = encode_value(input, f"the input of workflow {wf.name!r}")
+            data = encode_value(input, "the input of workflow", wf.name)
             ctx = encode_value(dict(context), "the run context") if context else EMPTY_MAP
         except TypeError as exc:
             raise ConfigurationError(str(exc)) from None

@@ -84,6 +84,8 @@ FINAL_STATES = frozenset((T_DONE, T_REVERTED, T_FAILED))
 """The transaction states nothing follows: ``done``, ``reverted``, ``failed``."""
 _FINAL = FINAL_STATES
 _PASS = frozenset((DONE, SKIPPED, SKIPPED_FAILURE))
+_ENDED = frozenset((FAILED, TIMEOUT))
+"""Failed for good: passable only when the step's config says to go on."""
 _UNDOING = frozenset((PENDING, COMPENSATING))
 """Invoke states that let the steps after a step run."""
 
@@ -496,7 +498,7 @@ class _Machine(Resolver):
                 return self.state.input
             record = self.state.steps.get(node_input.source)
             return NONE if record is None or record.output is None else record.output
-        return encode_value(node_input.resolve(self), what if name is None else f"{what} {name!r}")
+        return encode_value(node_input.resolve(self), what, name)
 
     # -- dispatch
     def handle(self, event: Event, now: float | None = None) -> None:
@@ -1038,7 +1040,8 @@ class _Machine(Resolver):
                 continue
             ready = True
             for pred in node.after:
-                if steps[pred].state not in _PASS and not self.passable(pred):
+                before = steps[pred].state
+                if before not in _PASS and (before not in _ENDED or not self.passable(pred)):
                     ready = False
                     break
             if not ready:
