@@ -515,7 +515,8 @@ class _Machine(Resolver):
             state.context = event.context
             state.parent = event.parent
             state.created_at = self.now
-            self.emit("begin")
+            if self.events:
+                self.emit("begin")
             if self.graph.timeout:
                 state.deadline = self.now + self.graph.timeout
                 self.commands.append(SetTimer(at=state.deadline, kind="workflow_timeout"))
@@ -1115,7 +1116,8 @@ class _Machine(Resolver):
         state = self.state
         state.status = final
         state.finished_at = self.now
-        self.emit("finish", state=final)
+        if self.events:
+            self.emit("finish", state=final)
         self.commands.append(Finished(state=final))
 
     def begin_compensation(self) -> None:
@@ -1133,7 +1135,8 @@ class _Machine(Resolver):
             if record.running:
                 return  # steps in flight finish first
         self.state.status = T_COMPENSATING
-        self.emit("compensate_begin")
+        if self.events:
+            self.emit("compensate_begin")
         for node in self.graph.nodes:
             record = steps[node.name]
             if record.state not in (DONE, FAILED, TIMEOUT):
