@@ -214,7 +214,7 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
             assert graph is not None
             assert self.state is not None
             self.state, cmds = apply_all(graph, self.state, events, now=now, events=interest)
-            commands.extend(cmds)
+            commands = commands + cmds if commands else cmds
         state = self.state
         if state is not None and state is not initial:
             graph = self.graph
@@ -252,22 +252,25 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
                 self.settled = settled
             else:
                 self.settled = False
-        for pending in later:
-            await pending
-        if replies and state is not None:
-            # Callers that wait for the outcome need to know where the transaction stands.
-            status = state.status
-            replies = [
-                (subject, msgspec.structs.replace(r, state=status, settled=self.settled))
-                if r.ok
-                else (subject, r)
-                for subject, r in replies
-            ]
-        for subject, reply in replies:
-            await host.reply(subject, reply)
+        if later:
+            for pending in later:
+                await pending
+        if replies:
+            if state is not None:
+                # Callers that wait for the outcome need to know where the transaction stands.
+                status = state.status
+                replies = [
+                    (subject, msgspec.structs.replace(r, state=status, settled=self.settled))
+                    if r.ok
+                    else (subject, r)
+                    for subject, r in replies
+                ]
+            for subject, reply in replies:
+                await host.reply(subject, reply)
         for work in acks:
             await work.ack()
-        self.failures = self.outages = 0
+        if self.failures or self.outages:
+            self.failures = self.outages = 0
 
     def _event(
         self,
