@@ -102,6 +102,14 @@ class KvStore(Store):
             self._revisions.pop(transaction_id, None)
         return state
 
+    async def load_start(self, transaction_id: str) -> TxState | None:
+        # The retained copy first: a new transaction has none, and a live checkpoint makes the
+        # first save (a create) conflict, after which the coordinator restarts with a full load.
+        if await self.done.get(kv_key(transaction_id)) is None:
+            self._revisions.pop(transaction_id, None)
+            return None
+        return await self.load(transaction_id)  # a duplicate start: the whole picture
+
     async def read(self, transaction_id: str) -> TxState | None:
         key = kv_key(transaction_id)
         done, live = await self._fetch(key)

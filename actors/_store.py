@@ -23,6 +23,13 @@ class Store(ABC):
         """The live or retained state of a transaction, or ``None``, for its coordinator, which
         writes it next (a store may remember the revision it read, to compare-and-set)."""
 
+    async def load_start(self, transaction_id: str) -> TxState | None:
+        """:meth:`load`, for the coordinator of a transaction being started, which is most
+        likely new: a store may leave out what the first :meth:`save` checks anyway (a live
+        checkpoint, when saving one that does not exist yet is create-if-absent and a conflict
+        raises). Default: :meth:`load`."""
+        return await self.load(transaction_id)
+
     async def read(self, transaction_id: str) -> TxState | None:
         """The live or retained state of a transaction, for anyone but its coordinator (a read
         that must not disturb the coordinator's compare-and-set)."""

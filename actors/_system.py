@@ -317,7 +317,10 @@ class ActorSystem:
 
     def spawn(self, actor: Actor[Any]) -> Actor[Any]:
         """Attach ``actor`` to this system; it runs whenever it has messages."""
-        actor._dispatcher = self.dispatcher
+        dispatcher = self._dispatcher
+        if dispatcher is None:
+            raise RuntimeError("the actor system is not running (use `async with`)")
+        actor._dispatcher = dispatcher
         return actor
 
     def start_soon(self, fn: Callable[..., Any], *args: Any, name: str | None = None) -> None:

@@ -101,6 +101,7 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
         self.state: TxState | None = None
         self.graph: Graph | None = None
         self.loaded = False
+        self.restarted = False
         self.settled = False
         self.failures = 0
         self.outages = 0
@@ -129,13 +130,18 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
         else:
             self.failures += 1
         giving_up = self.failures > MAX_RESTARTS
-        log.error(
-            "coordinator failed",
-            transaction=self.transaction_id,
-            failures=self.failures,
-            giving_up=giving_up,
-            exc_info=exc,
-        )
+        if isinstance(exc, StoreConflictError):
+            # Its checkpoint was written elsewhere (another owner, or a start delivered again
+            # after its first checkpoint): the restart reloads it.
+            log.info("checkpoint written elsewhere; reloading", transaction=self.transaction_id)
+        else:
+            log.error(
+                "coordinator failed",
+                transaction=self.transaction_id,
+                failures=self.failures,
+                giving_up=giving_up,
+                exc_info=exc,
+            )
         for msg, work in messages:
             if work is not None:
                 with contextlib.suppress(Exception):  # unsettled, it comes back after ack_wait
@@ -149,6 +155,7 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
 
     async def on_restart(self) -> None:
         self.loaded = False
+        self.restarted = True
         self.state = None
         if not self.stopped:
             # The failed turn may have persisted its state and lost its commands (or its
@@ -169,7 +176,13 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
         """Apply every queued message, persist once, carry out the commands, then ack."""
         host = self.host
         if not self.loaded:
-            self.state = await host.store.load(self.transaction_id)
+            if isinstance(batch[0][0], StartWorkflow) and not self.restarted:
+                # Most likely a new transaction: the store may skip what the first checkpoint's
+                # create-if-absent checks anyway (a conflict restarts the actor, which then
+                # loads in full and finds the start a duplicate).
+                self.state = await host.store.load_start(self.transaction_id)
+            else:
+                self.state = await host.store.load(self.transaction_id)
             self.loaded = True
             if self.state is not None:
                 self.graph = host.graphs.get(self.state.workflow)

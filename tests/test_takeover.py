@@ -9,8 +9,11 @@ import anyio
 import msgspec
 import pytest
 
-from actors import MemoryStore
+from actors import KvStore, MemoryStore, StartWorkflow
 from orchestrator import LocalEngine, TransactionState, create_step, create_workflow
+from orchestrator._codec import encode
+from orchestrator._transaction import Begin, apply_all, new_state
+from transport import MemoryTransport
 
 pytestmark = pytest.mark.anyio
 
@@ -83,3 +86,43 @@ async def test_a_parent_whose_child_finished_unheard_completes_on_resume() -> No
 
     assert result.state is TransactionState.DONE
     assert result.result == {"n": 42}
+
+
+async def _count(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    runs.append(ctx.attempt)
+    return {"n": data["n"] + 1}
+
+
+runs: list[int] = []
+counted = create_step("tk-count", _count)
+single = create_workflow("tk-single", lambda inp: counted(inp))
+
+
+async def test_a_start_delivered_again_after_its_checkpoint_attaches_to_it() -> None:
+    # A coordinator persisted a transaction's first checkpoint and died before acking the
+    # start: the start comes again. The new coordinator expects a new transaction (it reads only
+    # the retained copy); its first save conflicts with the checkpoint, it loads in full, and
+    # the start attaches: the transaction runs once, from where it was.
+    runs.clear()
+    transport = MemoryTransport()
+    store = KvStore(transport, prefix="again")
+    graph = single.graph
+    begun, _ = apply_all(
+        graph, new_state(graph, "s-1"), [Begin(now=5.0, input=encode({"n": 1}))], now=5.0
+    )
+    async with LocalEngine([single], store=store, transport=transport) as engine:
+        died = KvStore(transport, prefix="again")  # the coordinator that died
+        await died.open()
+        await died.save(begun)
+        host = engine._host
+        host.route(
+            StartWorkflow(workflow="tk-single", transaction_id="s-1", input=encode({"n": 1})),
+            None,
+        )
+        with anyio.fail_after(10):
+            result = await engine.wait("s-1")
+
+    assert result.state is TransactionState.DONE
+    assert result.result == {"n": 2}
+    assert result.created_at == 5.0  # the first run's, not begun again
+    assert runs == [1]
