@@ -594,12 +594,13 @@ class _NatsWorkMsg(WorkMsg):
 
     __slots__ = (
         "_consumer",
+        "_delivered",
         "_holds_slot",
+        "_msg",
         "_reply",
         "_timer",
         "data",
         "headers",
-        "num_delivered",
         "subject",
     )
 
@@ -607,11 +608,19 @@ class _NatsWorkMsg(WorkMsg):
         self.subject = msg.subject
         self.data = msg.data
         self.headers = msg.headers
-        self.num_delivered = msg.metadata.num_delivered
+        self._msg = msg
+        self._delivered: int | None = None
         self._consumer = consumer
         self._reply = msg.reply
         self._holds_slot = True
         self._timer: asyncio.TimerHandle | None = None
+
+    @property  # an attribute in the contract, computed when read here
+    def num_delivered(self) -> int:  # type: ignore[override]
+        # Parsed from the reply subject when asked (coordinators never ask).
+        if self._delivered is None:
+            self._delivered = self._msg.metadata.num_delivered
+        return self._delivered
 
     async def ack(self) -> None:
         await self._send(b"+ACK")
