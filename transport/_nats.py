@@ -283,10 +283,12 @@ class NatsTransport(Transport):
     ) -> None:
         nc = self._client()
         split_subject(subject)
-        with _mapped(f"cannot publish on {subject!r}"):
+        try:
             await nc.publish(
                 subject, data, reply=reply or "", headers=dict(headers) if headers else None
             )
+        except nats.errors.Error as error:
+            raise _translate(f"cannot publish on {subject!r}", error) from error
 
     async def subscribe(
         self, subject: str, handler: Handler, *, queue: str | None = None
@@ -649,8 +651,10 @@ class _NatsWorkMsg(WorkMsg):
         nc = self._consumer.transport._nc
         if nc is None:
             raise TransportError("the transport is closed: the delivery can no longer be settled")
-        with _mapped(f"cannot settle {self!r}"):
+        try:
             await nc.publish(self._reply, payload)
+        except nats.errors.Error as error:  # the text only now: repr parses the reply subject
+            raise _translate(f"cannot settle {self!r}", error) from error
 
     def _arm(self) -> None:
         """Free the slot when ``ack_wait`` runs out, as the server then redelivers."""
@@ -917,8 +921,10 @@ class _NatsKeyValue(KeyValue):
 
     async def get(self, key: str) -> Entry | None:
         check_key(key)
-        with self._mapped(f"cannot read key {key!r}"):
+        try:
             raw = await self._latest(key)
+        except nats.errors.Error as error:
+            raise self._failure(f"cannot read key {key!r}", error) from error
         if raw is None:
             return None
         assert raw.seq is not None
@@ -948,8 +954,8 @@ class _NatsKeyValue(KeyValue):
         if ttl is not None and not ttl > 0:
             raise ValueError(f"ttl must be positive seconds or None, not {ttl}")
         header = None if ttl is None else _ttl_header(ttl)
-        with self._mapped(f"cannot create key {key!r}"):
-            expect = 0
+        expect = 0
+        try:
             for _ in range(_CAS_ATTEMPTS):
                 try:
                     return await self._write(key, value, expect=expect, ttl=header)
@@ -962,13 +968,17 @@ class _NatsKeyValue(KeyValue):
                         f"key {key!r} already exists in bucket {self.bucket!r} (revision {raw.seq})"
                     )
                 expect = 0 if raw is None else raw.seq or 0
+        except nats.errors.Error as error:
+            raise self._failure(f"cannot create key {key!r}", error) from error
         raise TransportError(f"cannot create key {key!r}: too much contention on it")
 
     async def update(self, key: str, value: bytes, last_revision: int) -> int:
         check_key(key)
-        with self._mapped(f"cannot update key {key!r}"):
+        try:
             ttl = await self._ttl_at(key, last_revision)
             return await self._write(key, value, expect=last_revision, ttl=ttl)
+        except nats.errors.Error as error:
+            raise self._failure(f"cannot update key {key!r}", error) from error
 
     async def delete(self, key: str, *, last_revision: int | None = None) -> None:
         check_key(key)
@@ -977,12 +987,14 @@ class _NatsKeyValue(KeyValue):
             api.Header.ROLLUP.value: "sub",
             _TTL: str(_MARKER_TTL),
         }
-        with self._mapped(f"cannot delete key {key!r}"):
+        try:
             if last_revision is not None:
                 await self._ttl_at(key, last_revision)  # an absent key mismatches
                 headers[_EXPECTED_LAST] = str(last_revision)
             self._known.pop(key, None)
             await self._publish(key, b"", headers, last_revision)
+        except nats.errors.Error as error:
+            raise self._failure(f"cannot delete key {key!r}", error) from error
 
     async def keys(self) -> list[str]:
         with self._mapped(f"cannot list the keys of bucket {self.bucket!r}"):
@@ -1137,14 +1149,17 @@ class _NatsKeyValue(KeyValue):
             known.clear()
         known[key] = (revision, ttl)
 
+    def _failure(self, what: str, error: nats.errors.Error) -> TransportError:
+        """The ``TransportError`` for one of nats-py's errors while doing ``what``."""
+        if isinstance(error, nats.js.errors.NoStreamResponseError):
+            return TransportError(
+                f"bucket {self.bucket!r} does not exist (any more): open it with open_kv"
+            )
+        return _translate(f"bucket {self.bucket!r}: {what}", error)
+
     @contextlib.contextmanager
     def _mapped(self, what: str) -> Iterator[None]:
         try:
-            with _mapped(f"bucket {self.bucket!r}: {what}"):
-                yield
-        except TransportError as error:
-            if isinstance(error.__cause__, nats.js.errors.NoStreamResponseError):
-                raise TransportError(
-                    f"bucket {self.bucket!r} does not exist (any more): open it with open_kv"
-                ) from error
-            raise
+            yield
+        except nats.errors.Error as error:
+            raise self._failure(what, error) from error
