@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -92,15 +92,20 @@ class Gateway:
         graphs: Mapping[str, Graph],
         subjects: Subjects,
         route: Callable[[StartWorkflow, WorkMsg | None], None],
+        start_here: Callable[[StartWorkflow], Awaitable[bool | None]] | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         clock: Callable[[], float],
     ) -> None:
+        """``route`` takes the starts of the work queue; ``start_here``, when given, runs an API
+        start in this process if it can (see ``CoordinatorHost.start_here``), which spares the
+        start its trip through the queue."""
         self.transport = transport
         self.system = system
         self.store = store
         self.graphs = dict(graphs)
         self.subjects = subjects
         self.route = route
+        self.start_here = start_here
         self.max_payload = max_payload
         self.clock = clock
         self._replies: dict[str, Signal] = {}
@@ -211,6 +216,12 @@ class Gateway:
         encoding = content_type(msg.headers, msg.data)
         if verb == "start":
             start = self.start_message(msg.data, msg.headers, None)
+            if self.start_here is not None:
+                fresh = await self.start_here(start)
+                if fresh is not None:  # its first turn is persisted: as durable as the queue
+                    return ApiReply(
+                        ok=True, transaction_id=start.transaction_id, duplicate=not fresh
+                    )
             # Onto the durable start subject, as any client could have put it, with the id fixed.
             request = StartRequest(
                 workflow=start.workflow,

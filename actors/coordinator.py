@@ -52,7 +52,7 @@ from ._kvstore import StoreConflictError
 from ._leases import LeaseLostError, PartitionLeases
 from ._store import Store
 from ._subjects import Subjects, token
-from ._system import Actor, ActorSystem, Directive
+from ._system import Actor, ActorSystem, Directive, Signal
 from ._timers import Timers
 from .messages import (
     AbortStep,
@@ -67,7 +67,7 @@ from .messages import (
 if TYPE_CHECKING:
     from .executor import ExecutorHost
 
-__all__ = ["CoordinatorActor", "CoordinatorHost", "Watcher"]
+__all__ = ["CoordinatorActor", "CoordinatorHost", "LocalStart", "Watcher"]
 
 log = structlog.get_logger("orchestrator.coordinator")
 
@@ -84,6 +84,47 @@ Watcher = Callable[[str, TxState], None]
 
 _FINAL = FINAL_STATES
 _json = msgspec.json.Encoder().encode
+
+
+class LocalStart(WorkMsg):
+    """A start handed to a coordinator actor in process (an API start whose partition is
+    ours), settled like a delivery: acked once the transaction's first turn is persisted (or
+    the start found a duplicate); any other outcome means "not done here"."""
+
+    __slots__ = ("_settled", "data", "duplicate", "headers", "num_delivered", "outcome", "subject")
+
+    def __init__(self, msg: StartWorkflow) -> None:
+        self.subject = ""
+        self.data = b""
+        self.headers = None
+        self.num_delivered = 1
+        self.duplicate = False
+        """Set by the actor: the transaction existed already (the start attached to it)."""
+        self.outcome: str | None = None
+        self._settled = Signal()
+
+    async def ack(self) -> None:
+        self._settle("ack")
+
+    async def nak(self, delay: float | None = None) -> None:
+        self._settle("nak")
+
+    async def in_progress(self) -> None:
+        pass
+
+    async def term(self) -> None:
+        self._settle("term")
+
+    def _settle(self, outcome: str) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+            self._settled.set()
+
+    async def wait(self) -> str:
+        """How the actor settled it: ``"ack"``, ``"nak"`` or ``"term"``."""
+        await self._settled.wait()
+        assert self.outcome is not None
+        return self.outcome
 
 
 class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
@@ -297,6 +338,8 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
         host = self.host
         if isinstance(msg, StartWorkflow):
             if self.state is not None:  # a duplicate start: attach, never run twice
+                if isinstance(work, LocalStart):
+                    work.duplicate = True
                 if work is not None:
                     acks.append(work)
                 later.append(host.announce(self.state, to_parent=msg.parent is not None))
@@ -476,6 +519,21 @@ class CoordinatorHost:
             self.route(msg, work)
         else:
             self.system.dispatcher.submit(self._forward_start, msg, work)
+
+    async def start_here(self, msg: StartWorkflow, *, timeout: float) -> bool | None:
+        """Start ``msg`` in this process if its partition is ours: whether it was fresh (not
+        a duplicate) once its first turn is persisted; ``None`` when it was not done here (not
+        our partition, the turn failed, or no answer within ``timeout`` seconds), and the
+        caller puts it on the work queue instead (a second start of one id only attaches)."""
+        leases = self.leases
+        if leases is not None and not leases.writable(self.subjects.partition(msg.transaction_id)):
+            return None
+        work = LocalStart(msg)
+        self.route(msg, work)
+        with anyio.move_on_after(timeout):
+            if await work.wait() == "ack":
+                return not work.duplicate
+        return None
 
     async def _forward_start(self, msg: StartWorkflow, work: WorkMsg | None) -> None:
         await self.transport.enqueue(

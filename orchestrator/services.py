@@ -13,6 +13,7 @@ import re
 import socket
 import time
 from collections.abc import Iterable, Mapping
+from functools import partial
 from typing import Any
 
 from actors import (
@@ -55,6 +56,10 @@ DEFAULT_LOG_AGE = 86400.0
 DEFAULT_LEASE_TTL = 5.0
 """Seconds a coordinator's partition lease lives without renewal: a coordinator that dies loses
 its partitions to the others within about this long."""
+
+_START_HERE_TIMEOUT = 5.0
+"""Seconds an API start waits for its first turn in this process before it takes the work
+queue instead (the store slow or away): a start that was run meanwhile is then a duplicate."""
 
 
 def service_id(kind: str) -> str:
@@ -222,6 +227,7 @@ class Coordinator(_Service):
                 graphs=self.graphs,
                 subjects=self.subjects,
                 route=host.route_start,
+                start_here=partial(host.start_here, timeout=_START_HERE_TIMEOUT),
                 max_payload=self.max_payload,
                 clock=host.clock,
             )
