@@ -379,6 +379,13 @@ async def test_term_stops_redelivery(transport: Transport, ns: str) -> None:
     await work.assert_quiet(0.3)  # past ack_wait
 
 
+async def test_enqueue_on_a_subject_no_queue_captures_fails(transport: Transport, ns: str) -> None:
+    await queue(transport, ns)
+    with pytest.raises(TransportError, match="no queue captures"):
+        await transport.enqueue(f"{ns}.elsewhere", b"x", msg_id="lost")
+    assert await transport.enqueue(f"{ns}.work.a", b"x", msg_id="kept") is True  # still works
+
+
 async def test_duplicate_msg_id_is_dropped(transport: Transport, ns: str) -> None:
     await queue(transport, ns)
     work = Recorder[WorkMsg]()
