@@ -178,12 +178,13 @@ _JS_TIMEOUT = 5.0
 """Seconds a JetStream publish waits for its acknowledgement (nats-py's default)."""
 
 
-class _Publisher:
-    """JetStream publishes, acknowledged on one wildcard inbox of ours.
+class _Requests:
+    """Requests answered on one wildcard inbox of ours: core requests and JetStream publishes.
 
-    What nats-py's ``JetStreamContext.publish`` does (a request on its reply mux), without a
-    random token, an ``asyncio.wait_for`` and a JSON decode into dataclasses per publish: those
-    were a fifth of a busy coordinator's time, which publishes about ten times per workflow.
+    What nats-py's ``request`` (and ``JetStreamContext.publish``, a request) does on its reply
+    mux, without a random token, an ``asyncio.wait_for`` and, for publishes, a JSON decode into
+    dataclasses each time: those were a fifth of a busy coordinator's time, which publishes
+    about ten times per workflow, and as much of a client's.
     """
 
     def __init__(self, nc: Client) -> None:
@@ -194,21 +195,22 @@ class _Publisher:
 
     async def start(self) -> None:
         self._prefix = self._nc.new_inbox() + "."
-        await self._nc.subscribe(self._prefix + "*", cb=self._on_ack)
+        await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
 
-    async def _on_ack(self, msg: NatsMsg) -> None:
+    async def _on_reply(self, msg: NatsMsg) -> None:
         future = self._pending.pop(msg.subject[len(self._prefix) :], None)
         if future is not None and not future.done():
             future.set_result(msg)
 
-    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None) -> _PubAck:
-        """Publish into a stream; its acknowledgement, or nats-py's error for what went wrong
-        (``NoStreamResponseError``: no stream captures the subject)."""
+    async def request(
+        self, subject: str, data: bytes, headers: dict[str, str] | None, timeout: float
+    ) -> NatsMsg:
+        """The reply; nats-py's ``NoRespondersError`` or ``TimeoutError`` when none comes."""
         token = str(next(self._ids))
         loop = asyncio.get_running_loop()
         future: asyncio.Future[NatsMsg] = loop.create_future()
         self._pending[token] = future
-        timer = loop.call_later(_JS_TIMEOUT, _time_out, future)
+        timer = loop.call_later(timeout, _time_out, future)
         try:
             await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
             msg = await future
@@ -216,7 +218,16 @@ class _Publisher:
             timer.cancel()
             self._pending.pop(token, None)
         if not msg.data and msg.headers and msg.headers.get(api.Header.STATUS) == "503":
-            raise nats.js.errors.NoStreamResponseError  # no responders: no stream there
+            raise nats.errors.NoRespondersError
+        return msg
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None) -> _PubAck:
+        """Publish into a stream; its acknowledgement, or nats-py's error for what went wrong
+        (``NoStreamResponseError``: no stream captures the subject)."""
+        try:
+            msg = await self.request(subject, data, headers, _JS_TIMEOUT)
+        except nats.errors.NoRespondersError:
+            raise nats.js.errors.NoStreamResponseError from None
         ack = _pub_ack.decode(msg.data)
         if ack.error is not None:
             raise nats.js.errors.APIError.from_error(ack.error)
@@ -266,7 +277,7 @@ class NatsTransport(Transport):
         self._options = connect_options
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
-        self._publisher: _Publisher | None = None
+        self._requests: _Requests | None = None
         self._task_group: TaskGroup | None = None
         self._consumers: set[_NatsConsumer] = set()
         self._used = False
@@ -304,15 +315,15 @@ class NatsTransport(Transport):
             raise
         self._nc = nc
         self._js = nc.jetstream()
-        publisher = _Publisher(nc)
+        requests = _Requests(nc)
         try:
-            with _mapped("cannot subscribe to the acknowledgement inbox"):
-                await publisher.start()
+            with _mapped("cannot subscribe to the reply inbox"):
+                await requests.start()
         except BaseException:
             with contextlib.suppress(Exception):
                 await nc.close()
             raise
-        self._publisher = publisher
+        self._requests = requests
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
@@ -401,11 +412,11 @@ class NatsTransport(Transport):
         headers: Mapping[str, str] | None = None,
         timeout: float = 5.0,
     ) -> Msg:
-        nc = self._client()
+        requests = self._requesting()
         split_subject(subject)
         try:
-            reply = await nc.request(
-                subject, data, timeout=timeout, headers=dict(headers) if headers else None
+            reply = await requests.request(
+                subject, data, dict(headers) if headers else None, timeout
             )
         except nats.errors.NoRespondersError as error:
             raise NoRespondersError(
@@ -512,13 +523,13 @@ class NatsTransport(Transport):
         headers: Mapping[str, str] | None = None,
         msg_id: str | None = None,
     ) -> bool:
-        publisher = self._publishing()
+        requests = self._requesting()
         split_subject(subject)
         fields = dict(headers) if headers else {}
         if msg_id is not None:
             fields[api.Header.MSG_ID.value] = msg_id
         try:
-            ack = await publisher.publish(subject, data, fields or None)
+            ack = await requests.publish(subject, data, fields or None)
         except nats.js.errors.NoStreamResponseError as error:
             raise TransportError(
                 f"no queue captures subject {subject!r}: call ensure_queue first"
@@ -643,7 +654,7 @@ class NatsTransport(Transport):
                 ):
                     info = await js.update_stream(tuned(current))
         return _NatsKeyValue(
-            self._client(), js, self._publishing(), bucket, direct=bool(info.config.allow_direct)
+            self._client(), js, self._requesting(), bucket, direct=bool(info.config.allow_direct)
         )
 
     # --- helpers ----------------------------------------------------------------------------
@@ -654,11 +665,11 @@ class NatsTransport(Transport):
             raise self._closed()
         return nc
 
-    def _publishing(self) -> _Publisher:
-        publisher = self._publisher
-        if publisher is None or not self._open:
+    def _requesting(self) -> _Requests:
+        requests = self._requests
+        if requests is None or not self._open:
             raise self._closed()
-        return publisher
+        return requests
 
     def _jetstream(self) -> JetStreamContext:
         js = self._js
@@ -989,20 +1000,20 @@ class _NatsKeyValue(KeyValue):
     so deleted keys do not pile up markers forever.
     """
 
-    __slots__ = ("_direct", "_js", "_known", "_nc", "_prefix", "_publisher", "_stream", "bucket")
+    __slots__ = ("_direct", "_js", "_known", "_nc", "_prefix", "_requests", "_stream", "bucket")
 
     def __init__(
         self,
         nc: Client,
         js: JetStreamContext,
-        publisher: _Publisher,
+        requests: _Requests,
         bucket: str,
         *,
         direct: bool,
     ) -> None:
         self._nc = nc
         self._js = js
-        self._publisher = publisher
+        self._requests = requests
         self.bucket = bucket
         self._stream = f"KV_{bucket}"
         self._prefix = f"$KV.{bucket}."
@@ -1225,7 +1236,7 @@ class _NatsKeyValue(KeyValue):
         self, key: str, value: bytes, headers: dict[str, str], expect: int | None
     ) -> int:
         try:
-            ack = await self._publisher.publish(self._prefix + key, value, headers)
+            ack = await self._requests.publish(self._prefix + key, value, headers)
         except nats.js.errors.APIError as error:
             if error.err_code in _WRONG_LAST_SEQUENCE:
                 self._known.pop(key, None)
