@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from types import TracebackType
@@ -164,6 +165,35 @@ class _NatsSubscription(Subscription):
         return f"<NatsSubscription {self._subject!r}>"
 
 
+_WHITESPACE = re.compile(r"\s")
+
+
+class _Client(Client):
+    """nats-py's client with a faster parser of message headers (same results).
+
+    nats-py tests every character of every header name with ``str.isspace`` in a generator:
+    with a header on most messages (message ids on the work queue, ``Content-Type`` on events,
+    key-value entries), that was a quarter of a waiting client's time. A regular expression
+    does the same test in one call; ``tests/transport/test_nats_headers.py`` checks that both
+    give the same headers.
+    """
+
+    @staticmethod
+    def _parse_header_lines(raw: bytes) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for line in raw.split(b"\r\n"):
+            name, sep, value = line.partition(b":")
+            if not sep:
+                continue
+            try:
+                key = name.strip().decode("ascii")
+            except UnicodeDecodeError:  # a malformed name: skipped, as nats-py does
+                continue
+            if _WHITESPACE.search(key) is None:
+                out[key] = value.strip().decode("utf-8", "replace")
+        return out
+
+
 class _PubAck(msgspec.Struct):
     """JetStream's answer to a publish (an acknowledgement, or an API error)."""
 
@@ -302,7 +332,7 @@ class NatsTransport(Transport):
             if user_reconnected is not None:
                 await user_reconnected()
 
-        nc = Client()
+        nc = _Client()
         try:
             with _mapped(f"cannot connect to NATS at {self._servers!r}"):
                 await nc.connect(
