@@ -97,10 +97,15 @@ class Subjects:
         return f"{self.names.upper()}_WORK"
 
     @property
+    def event_log(self) -> str:
+        """The stream that keeps lifecycle events: ``ORCH_EVENTS`` for the default prefix."""
+        return f"{self.names.upper()}_EVENTS"
+
+    @property
     def logs(self) -> dict[str, tuple[str, ...]]:
         """The streams that keep lifecycle events and hook payloads: name -> subjects."""
         p, upper = self.prefix, self.names.upper()
-        return {f"{upper}_EVENTS": (f"{p}.evt.>",), f"{upper}_HOOKS": (f"{p}.hook.>",)}
+        return {self.event_log: (f"{p}.evt.>",), f"{upper}_HOOKS": (f"{p}.hook.>",)}
 
     def work_queue_config(self, *, ack_wait: float = 30.0, replicas: int = 1) -> QueueConfig:
         """The work queue: starts, transaction messages and step commands.

@@ -53,6 +53,10 @@ DEFAULT_RETENTION = 86400.0
 DEFAULT_LOG_AGE = 86400.0
 """Seconds lifecycle events and hook payloads are kept in their streams: one day."""
 
+DEFAULT_EVENT_LOG_BYTES = 64 * 1024 * 1024
+"""The most the lifecycle-event stream holds, in the servers' memory (the oldest events go first):
+64 MiB, some 200,000 events; the server's ``max_memory_store`` must leave room for it."""
+
 DEFAULT_LEASE_TTL = 5.0
 """Seconds a coordinator's partition lease lives without renewal: a coordinator that dies loses
 its partitions to the others within about this long."""
@@ -148,6 +152,7 @@ class Coordinator(_Service):
         store: Store | None = None,
         system: ActorSystem | None = None,
         log_age: float = DEFAULT_LOG_AGE,
+        event_log_bytes: int = DEFAULT_EVENT_LOG_BYTES,
         replicas: int = 1,
         lease_ttl: float | None = DEFAULT_LEASE_TTL,
         ack_wait: float = DEFAULT_ACK_WAIT,
@@ -155,7 +160,10 @@ class Coordinator(_Service):
     ) -> None:
         """``store`` defaults to the key-value store on ``transport``; ``system`` to an actor
         system of its own (LocalEngine shares one between its coordinator and its worker);
-        ``log_age``: seconds the event and hook streams keep their messages; ``replicas``:
+        ``log_age``: seconds the event and hook streams keep their messages;
+        ``event_log_bytes``: the most the event stream holds, in the servers' memory (events are
+        sent at most once, and a third of a workflow's stream writes: on disk, with
+        ``sync_interval: always``, they cost more than the transaction's own); ``replicas``:
         copies a NATS cluster keeps of the work queue, the streams and the buckets this
         coordinator creates (existing ones keep theirs); ``ack_wait``: the work queue's
         redelivery time (give workers the same); ``name``: this coordinator's unique name among
@@ -167,6 +175,7 @@ class Coordinator(_Service):
         self.ack_wait = ack_wait
         self.name = name or service_id("coordinator")
         self.log_age = log_age
+        self.event_log_bytes = event_log_bytes
         self.replicas = replicas
         self._system = system
         self.workflows = collect_workflows(workflows)
@@ -185,8 +194,14 @@ class Coordinator(_Service):
         async def setup(stack: contextlib.AsyncExitStack) -> None:
             await self.store.open()
             for name, subjects in self.subjects.logs.items():
+                events = name == self.subjects.event_log
                 await self.transport.ensure_log(
-                    name, subjects, max_age=self.log_age, replicas=self.replicas
+                    name,
+                    subjects,
+                    max_age=self.log_age,
+                    replicas=self.replicas,
+                    memory=events,
+                    max_bytes=self.event_log_bytes if events else None,
                 )
             system = self._system
             if system is None:

@@ -42,6 +42,14 @@ __all__ = [
 ]
 
 
+def check_log(memory: bool, max_bytes: int | None) -> None:
+    """Check a log's storage settings (``ValueError`` when wrong)."""
+    if max_bytes is not None and (isinstance(max_bytes, bool) or max_bytes < 1):
+        raise ValueError(f"max_bytes must be a positive number of bytes, not {max_bytes!r}")
+    if memory and max_bytes is None:
+        raise ValueError("a log kept in memory needs max_bytes (memory is not unbounded)")
+
+
 def check_replicas(replicas: int) -> None:
     """``replicas`` must be a whole number from 1 to 5 (JetStream's limit)."""
     if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 5:
@@ -353,16 +361,26 @@ class Transport(ABC):
         """
 
     async def ensure_log(
-        self, name: str, subjects: tuple[str, ...], *, max_age: float, replicas: int = 1
+        self,
+        name: str,
+        subjects: tuple[str, ...],
+        *,
+        max_age: float,
+        replicas: int = 1,
+        memory: bool = False,
+        max_bytes: int | None = None,
     ) -> None:
         """Keep what is published on ``subjects`` for ``max_age`` seconds (idempotent).
 
         Publishing and subscribing work the same with or without it; a network transport stores
         the messages (for subscribers that come later, or replay), an in-process one need not
         (this default keeps nothing). ``replicas``: copies a clustered server keeps, set when
-        the log is created.
+        the log is created. ``max_bytes``: the oldest messages go first beyond this size.
+        ``memory``: keep the log in the server's memory, not on disk (faster, lost when the
+        server stops), which needs a ``max_bytes``; an existing log keeps its storage.
         """
         check_replicas(replicas)
+        check_log(memory, max_bytes)
 
     @abstractmethod
     async def enqueue(

@@ -51,6 +51,7 @@ from ._contract import (
     TransportError,
     WorkHandler,
     WorkMsg,
+    check_log,
     check_replicas,
 )
 from ._memory_kv import check_settings
@@ -461,16 +462,26 @@ class NatsTransport(Transport):
     # --- logs ---------------------------------------------------------------------------------
 
     async def ensure_log(
-        self, name: str, subjects: tuple[str, ...], *, max_age: float, replicas: int = 1
+        self,
+        name: str,
+        subjects: tuple[str, ...],
+        *,
+        max_age: float,
+        replicas: int = 1,
+        memory: bool = False,
+        max_bytes: int | None = None,
     ) -> None:
         js = self._jetstream()
         check_replicas(replicas)
+        check_log(memory, max_bytes)
+        limit = -1 if max_bytes is None else max_bytes
         config = api.StreamConfig(
             name=name,
             retention=api.RetentionPolicy.LIMITS,
-            storage=api.StorageType.FILE,
+            storage=api.StorageType.MEMORY if memory else api.StorageType.FILE,
             subjects=list(subjects),
             max_age=max_age,
+            max_bytes=limit,
             discard=api.DiscardPolicy.OLD,
             num_replicas=replicas,
         )
@@ -480,8 +491,11 @@ class NatsTransport(Transport):
             except nats.js.errors.APIError as error:
                 if error.err_code != _STREAM_NAME_IN_USE:
                     raise
+                # A stream's storage is fixed when it is made: an existing log keeps its own.
                 current = (await js.stream_info(name)).config
-                await js.update_stream(current.evolve(subjects=list(subjects), max_age=max_age))
+                await js.update_stream(
+                    current.evolve(subjects=list(subjects), max_age=max_age, max_bytes=limit)
+                )
 
     # --- work queues ------------------------------------------------------------------------
 

@@ -17,9 +17,10 @@ from typing import Any
 import anyio
 import nats
 import pytest
+from nats.js.api import StorageType
 
 from orchestrator import WorkflowResponse, create_hook, create_step, create_workflow
-from orchestrator.services import Coordinator, Worker
+from orchestrator.services import DEFAULT_EVENT_LOG_BYTES, Coordinator, Worker
 from transport import NatsTransport
 
 pytestmark = pytest.mark.anyio
@@ -298,7 +299,13 @@ async def test_events_and_hook_payloads_are_kept_in_their_streams(nats_server: A
             hook = await js.get_last_msg(
                 f"{prefix.upper()}_HOOKS", f"{prefix}.hook.pub-order.placed"
             )
+            event_log = (await js.stream_info(f"{prefix.upper()}_EVENTS")).config
+            hook_log = (await js.stream_info(f"{prefix.upper()}_HOOKS")).config
         finally:
             await nc.close()
     assert json.loads(stored.data) == items[-1][1]
     assert json.loads(hook.data) == {"items": ["z"], "total": 3}
+    # Events, sent at most once, are kept in memory, bounded; hook payloads on disk.
+    assert event_log.storage == StorageType.MEMORY
+    assert event_log.max_bytes == DEFAULT_EVENT_LOG_BYTES
+    assert hook_log.storage == StorageType.FILE

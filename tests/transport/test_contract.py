@@ -634,3 +634,17 @@ async def test_replicas_is_a_creation_setting_from_one_to_five(
             await transport.open_kv(f"kv_{ns}", replicas=wrong)
     with pytest.raises(ValueError, match="replicas"):
         await transport.ensure_log(f"L{ns}", (f"{ns}.log.>",), max_age=60, replicas=0)
+
+
+async def test_a_log_may_be_kept_in_memory_when_bounded(transport: Transport, ns: str) -> None:
+    await transport.ensure_log(f"M{ns}", (f"{ns}.mem.>",), max_age=60, memory=True, max_bytes=4096)
+    await transport.ensure_log(f"M{ns}", (f"{ns}.mem.>",), max_age=60, memory=True, max_bytes=8192)
+    got = Recorder[Msg]()
+    await transport.subscribe(f"{ns}.mem.>", got)
+    await transport.publish(f"{ns}.mem.a", b"kept for a while")
+    assert payloads(await got.wait_for(1)) == [b"kept for a while"]
+    with pytest.raises(ValueError, match="needs max_bytes"):
+        await transport.ensure_log(f"N{ns}", (f"{ns}.mem2.>",), max_age=60, memory=True)
+    for wrong in (0, -1, True):
+        with pytest.raises(ValueError, match="max_bytes"):
+            await transport.ensure_log(f"N{ns}", (f"{ns}.mem2.>",), max_age=60, max_bytes=wrong)
