@@ -38,6 +38,8 @@ from orchestrator._transaction import (
     Resume,
     SetTimer,
     StartChild,
+    StepDone,
+    StepFailed,
     TimerFired,
     TxState,
     apply_all,
@@ -83,6 +85,8 @@ Watcher = Callable[[str, TxState], None]
 """Called with ``("finish" | "suspend", state)`` by the host, in process."""
 
 _FINAL = FINAL_STATES
+_RESULTS = (StepDone, StepFailed)
+"""The events of most turns: a step's answer."""
 _json = msgspec.json.Encoder().encode
 
 
@@ -217,18 +221,12 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
         """Apply every queued message, persist once, carry out the commands, then ack."""
         host = self.host
         if not self.loaded:
-            if isinstance(batch[0][0], StartWorkflow) and not self.restarted:
-                # Most likely a new transaction: the store may skip what the first checkpoint's
-                # create-if-absent checks anyway (a conflict restarts the actor, which then
-                # loads in full and finds the start a duplicate).
-                self.state = await host.store.load_start(self.transaction_id)
-            else:
-                self.state = await host.store.load(self.transaction_id)
-            self.loaded = True
-            if self.state is not None:
-                self.graph = host.graphs.get(self.state.workflow)
-                if self.state.status not in _FINAL:
-                    host.rearm(self.state)
+            await self._load(batch)
+        elif len(batch) == 1 and self.state is not None:
+            msg, work = batch[0]
+            if type(msg) is TxEvent and msg.reply is None and type(msg.event) in _RESULTS:
+                await self._apply_result(msg.event, work)  # the common turn, without the rest
+                return
         now = host.clock()
         initial = self.state
         interest = host.transport.has_interest(self.event_subject)
@@ -271,41 +269,7 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
             commands = commands + cmds if commands else cmds
         state = self.state
         if state is not None and state is not initial:
-            graph = self.graph
-            assert graph is not None
-            finished = state.status in _FINAL
-            retire = finished and any(isinstance(c, Finished) for c in commands)
-            nested = state.parent is not None
-            # Persist first, then let anything out: whoever hears an event finds the state that
-            # produced it (a finished transaction is persisted by moving it to the retained set).
-            if retire or (not finished and (initial is None or state.version != initial.version)):
-                host.fence(self.partition)
-                if retire and not nested:
-                    await host.retire(state)
-                else:
-                    # A nested transaction keeps its final state as a checkpoint until it told
-                    # its parent: a crash in between leaves it to whoever takes the partition
-                    # over, who resumes it (and so answers the parent); a retired one would be
-                    # forgotten.
-                    await host.store.save(state)
-            await host.execute(state, commands, self.subject)
-            if retire and nested:
-                await host.retire(state)
-            if finished and not retire and _cancelled_by_parent(batch):
-                await host.notify_parent(state, action="compensate")
-            if graph.has_async:
-                settled = not finished and is_settled(graph, state)
-                was_settled = (
-                    initial is not None
-                    and initial.status not in _FINAL
-                    and is_settled(graph, initial)
-                )
-                if settled and not was_settled:
-                    host.notify("suspend", state)
-                    await host.announce(state, to_parent=True)  # parent, and `suspend` event
-                self.settled = settled
-            else:
-                self.settled = False
+            await self._commit(initial, state, commands, batch)
         if later:
             for pending in later:
                 await pending
@@ -325,6 +289,81 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
             await work.ack()
         if self.failures or self.outages:
             self.failures = self.outages = 0
+
+    async def _load(self, batch: list[tuple[Any, WorkMsg | None]]) -> None:
+        """Read the transaction's state on activation (and re-arm its timers)."""
+        host = self.host
+        if isinstance(batch[0][0], StartWorkflow) and not self.restarted:
+            # Most likely a new transaction: the store may skip what the first checkpoint's
+            # create-if-absent checks anyway (a conflict restarts the actor, which then loads
+            # in full and finds the start a duplicate).
+            self.state = await host.store.load_start(self.transaction_id)
+        else:
+            self.state = await host.store.load(self.transaction_id)
+        self.loaded = True
+        if self.state is not None:
+            self.graph = host.graphs.get(self.state.workflow)
+            if self.state.status not in _FINAL:
+                host.rearm(self.state)
+
+    async def _apply_result(self, event: Event, work: WorkMsg | None) -> None:
+        """A turn of one step result (most turns): what ``on_batch`` does for it."""
+        host = self.host
+        initial = self.state
+        graph = self.graph
+        assert initial is not None
+        assert graph is not None
+        interest = host.transport.has_interest(self.event_subject)
+        state, commands = apply_all(graph, initial, [event], now=host.clock(), events=interest)
+        self.state = state
+        if state is not initial:
+            await self._commit(initial, state, commands, None)
+        if work is not None:
+            await work.ack()
+        if self.failures or self.outages:
+            self.failures = self.outages = 0
+
+    async def _commit(
+        self,
+        initial: TxState | None,
+        state: TxState,
+        commands: list[Command],
+        batch: list[tuple[Any, WorkMsg | None]] | None,
+    ) -> None:
+        """Persist ``state`` (the turn's outcome), then carry out its commands."""
+        host = self.host
+        graph = self.graph
+        assert graph is not None
+        finished = state.status in _FINAL
+        retire = finished and any(isinstance(c, Finished) for c in commands)
+        nested = state.parent is not None
+        # Persist first, then let anything out: whoever hears an event finds the state that
+        # produced it (a finished transaction is persisted by moving it to the retained set).
+        if retire or (not finished and (initial is None or state.version != initial.version)):
+            host.fence(self.partition)
+            if retire and not nested:
+                await host.retire(state)
+            else:
+                # A nested transaction keeps its final state as a checkpoint until it told its
+                # parent: a crash in between leaves it to whoever takes the partition over, who
+                # resumes it (and so answers the parent); a retired one would be forgotten.
+                await host.store.save(state)
+        await host.execute(state, commands, self.subject)
+        if retire and nested:
+            await host.retire(state)
+        if finished and not retire and batch is not None and _cancelled_by_parent(batch):
+            await host.notify_parent(state, action="compensate")
+        if graph.has_async:
+            settled = not finished and is_settled(graph, state)
+            was_settled = (
+                initial is not None and initial.status not in _FINAL and is_settled(graph, initial)
+            )
+            if settled and not was_settled:
+                host.notify("suspend", state)
+                await host.announce(state, to_parent=True)  # parent, and `suspend` event
+            self.settled = settled
+        else:
+            self.settled = False
 
     def _event(
         self,
