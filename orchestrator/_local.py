@@ -55,6 +55,15 @@ async def _wait(event: Signal, timeout: float | None) -> None:
 _event_decoder = msgspec.msgpack.Decoder(LifecycleEvent)
 
 
+def _check_workflow(state: TxState, wf: Workflow) -> None:
+    """An existing transaction id may only be run again as the workflow it belongs to."""
+    if state.workflow != wf.name:
+        raise ConfigurationError(
+            f"transaction {state.transaction_id!r} belongs to workflow {state.workflow!r}, "
+            f"not {wf.name!r}"
+        )
+
+
 class LocalEngine(EngineAPI):
     """Runs workflows in this process (local single-node mode): no server needed.
 
@@ -194,10 +203,8 @@ class LocalEngine(EngineAPI):
         existing = await self.store.read(tx)
         if existing is None:
             self._send_start(wf, tx, input, context)
-        elif existing.workflow != wf.name:
-            raise ConfigurationError(
-                f"transaction {tx!r} belongs to workflow {existing.workflow!r}, not {wf.name!r}"
-            )
+        else:
+            _check_workflow(existing, wf)
         return TransactionHandle(self, wf.name, tx)
 
     def _send_start(
@@ -224,10 +231,7 @@ class LocalEngine(EngineAPI):
         """Attach to the transaction ``tx`` if it exists, else start it (see :meth:`_run`)."""
         state = await self.store.read(tx)
         if state is not None:
-            if state.workflow != wf.name:
-                raise ConfigurationError(
-                    f"transaction {tx!r} belongs to workflow {state.workflow!r}, not {wf.name!r}"
-                )
+            _check_workflow(state, wf)
             return await self._await(tx, timeout, settle=True)
         return await self._run(wf, tx, input, context, timeout)
 
