@@ -97,7 +97,7 @@ class LocalStart(WorkMsg):
 
     __slots__ = ("_settled", "data", "duplicate", "headers", "num_delivered", "outcome", "subject")
 
-    def __init__(self, msg: StartWorkflow) -> None:
+    def __init__(self) -> None:
         self.subject = ""
         self.data = b""
         self.headers = None
@@ -567,7 +567,7 @@ class CoordinatorHost:
         leases = self.leases
         if leases is not None and not leases.writable(self.subjects.partition(msg.transaction_id)):
             return None
-        work = LocalStart(msg)
+        work = LocalStart()
         self.route(msg, work)
         with anyio.move_on_after(timeout):
             if await work.wait() == "ack":

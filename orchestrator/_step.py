@@ -196,6 +196,28 @@ class StepContext:
         context: dict[str, Any] | None = None,
         context_bytes: bytes | None = None,
     ) -> None:
+        self._fill(
+            workflow_id,
+            step_name,
+            action,
+            transaction_id,
+            attempt,
+            container,
+            context,
+            context_bytes,
+        )
+
+    def _fill(
+        self,
+        workflow_id: str,
+        step_name: str,
+        action: str,
+        transaction_id: str,
+        attempt: int,
+        container: Container,
+        context: dict[str, Any] | None,
+        context_bytes: bytes | None,
+    ) -> None:
         self.workflow_id = workflow_id
         self.step_name = step_name
         self.action = action
@@ -219,15 +241,9 @@ class StepContext:
     ) -> StepContext:
         """The executor's constructor: positional, so a step's run pays no keyword binding."""
         ctx = cls.__new__(cls)
-        ctx.workflow_id = workflow_id
-        ctx.step_name = step_name
-        ctx.action = action
-        ctx.transaction_id = transaction_id
-        ctx.attempt = attempt
-        ctx.container = container
-        ctx._context = None
-        ctx._context_bytes = context_bytes
-        ctx._log = None
+        ctx._fill(
+            workflow_id, step_name, action, transaction_id, attempt, container, None, context_bytes
+        )
         return ctx
 
     @property
