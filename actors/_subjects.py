@@ -59,6 +59,16 @@ class Subjects:
         """The subject of every transaction of one partition."""
         return f"{self.prefix}.tx.{partition}"
 
+    def result(self, partition: int) -> str:
+        """The core subject where the owner of a partition takes step results straight from
+        the workers (a request, answered once the result is applied and persisted)."""
+        return f"{self.prefix}.result.{partition}"
+
+    @property
+    def results(self) -> str:
+        """Every partition's :meth:`result` subject."""
+        return f"{self.prefix}.result.*"
+
     def step(self, step: str) -> str:
         return f"{self.prefix}.step.{token(step)}"
 

@@ -48,7 +48,7 @@ from orchestrator._transaction import (
     to_result,
 )
 from orchestrator._types import LifecycleEvent, StepError
-from transport import Consumer, QueueConfig, Transport, TransportError, WorkMsg
+from transport import Consumer, Msg, QueueConfig, Subscription, Transport, TransportError, WorkMsg
 
 from ._kvstore import StoreConflictError
 from ._leases import LeaseLostError, PartitionLeases
@@ -69,7 +69,7 @@ from .messages import (
 if TYPE_CHECKING:
     from .executor import ExecutorHost
 
-__all__ = ["CoordinatorActor", "CoordinatorHost", "LocalStart", "Watcher"]
+__all__ = ["CoordinatorActor", "CoordinatorHost", "DirectResult", "LocalStart", "Watcher"]
 
 log = structlog.get_logger("orchestrator.coordinator")
 
@@ -131,6 +131,39 @@ class LocalStart(WorkMsg):
         return self.outcome
 
 
+class DirectResult(WorkMsg):
+    """A step result a worker sent straight to this host (a core request on the partition's
+    result subject), settled like a delivery: acked, the worker hears ``+`` and is done; any
+    other outcome answers ``-``, and the worker puts the result on the work queue instead."""
+
+    __slots__ = ("_reply", "_transport", "data", "headers", "num_delivered", "subject")
+
+    def __init__(self, transport: Transport, msg: Msg, reply: str) -> None:
+        self.subject = msg.subject
+        self.data = msg.data
+        self.headers = msg.headers
+        self.num_delivered = 1
+        self._transport = transport
+        self._reply: str | None = reply
+
+    async def ack(self) -> None:
+        await self._answer(b"+")
+
+    async def nak(self, delay: float | None = None) -> None:
+        await self._answer(b"-")
+
+    async def in_progress(self) -> None:
+        pass
+
+    async def term(self) -> None:
+        await self._answer(b"-")
+
+    async def _answer(self, data: bytes) -> None:
+        reply, self._reply = self._reply, None
+        if reply is not None:
+            await self._transport.publish(reply, data)
+
+
 class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
     """The coordinator of one transaction."""
 
@@ -143,6 +176,8 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
         self.partition = host.subjects.partition(transaction_id)
         self.subject = host.partition_subjects[self.partition]
         """Where this transaction's messages go (step results, among others)."""
+        self.direct = host.result_subjects[self.partition]
+        """Where this host takes the transaction's step results straight from the workers."""
         self.state: TxState | None = None
         self.graph: Graph | None = None
         self.loaded = False
@@ -348,7 +383,9 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
                 # parent: a crash in between leaves it to whoever takes the partition over, who
                 # resumes it (and so answers the parent); a retired one would be forgotten.
                 await host.store.save(state)
-        await host.execute(state, commands, self.subject)
+        await host.execute(
+            state, commands, self.subject, self.direct if host.takes_results else None
+        )
         if retire and nested:
             await host.retire(state)
         if finished and not retire and batch is not None and _cancelled_by_parent(batch):
@@ -455,6 +492,12 @@ class CoordinatorHost:
         self._event_prefixes: dict[str, str] = {}
         self.partition_subjects = [subjects.tx_partition(p) for p in range(subjects.partitions)]
         """The subject of each partition, by number."""
+        self.result_subjects = [subjects.result(p) for p in range(subjects.partitions)]
+        """The subject where this host takes a partition's step results, by number."""
+        self.takes_results = False
+        """Whether this host takes step results straight from workers (see :meth:`_on_result`):
+        commands then say so; their answers go to the queue otherwise."""
+        self._results: dict[int | None, Subscription] = {}
 
     async def start(self) -> None:
         """Create the work queue (idempotent), arm the timer task and start consuming: every
@@ -470,6 +513,7 @@ class CoordinatorHost:
                 self._on_work,
                 max_in_flight=4096,
             )
+            await self._take_results(None)
 
     # -- partitions (with leases)
     async def acquire(self, partition: int) -> None:
@@ -490,11 +534,16 @@ class CoordinatorHost:
             self._on_work,
             max_in_flight=max(64, 4096 // subjects.partitions),
         )
+        await self._take_results(partition)
         log.info("partition acquired", partition=partition, resumed=len(live))
 
     async def release(self, partition: int) -> None:
         """Stop running a partition (its lease is lost or handed over): stop consuming it and
         drop its actors; their queued messages go back to the queue for the new owner."""
+        results = self._results.pop(partition, None)
+        if results is not None:
+            with contextlib.suppress(Exception):
+                await results.unsubscribe()
         consumer = self.consumers.pop(partition, None)
         if consumer is not None:
             with contextlib.suppress(Exception):  # disconnected: the server forgets us anyway
@@ -520,7 +569,33 @@ class CoordinatorHost:
             workflow=workflow, transaction_id=transaction_id, event=Resume(now=self.clock())
         )
 
+    async def _take_results(self, partition: int | None) -> None:
+        """Take the step results of ``partition`` (``None``: of every partition) straight from
+        the workers, when they run elsewhere: a result then costs a request instead of a
+        persisted message, its delivery and its ack."""
+        subject = self.subjects.results if partition is None else self.result_subjects[partition]
+        self._results[partition] = await self.transport.subscribe(
+            subject, self._on_result, queue="coordinators"
+        )
+        self.takes_results = True
+
     # -- routing
+    def _on_result(self, msg: Msg) -> None:
+        reply = msg.reply
+        if reply is None:
+            log.warning("step result without a reply subject dropped", subject=msg.subject)
+            return
+        work = DirectResult(self.transport, msg, reply)
+        try:
+            result = decode_message(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            result = None
+        if not isinstance(result, TxEvent) or not isinstance(result.event, _RESULTS):
+            # Not a step result: the work queue's path says what is wrong with it.
+            self.system.start_soon(work.nak)
+            return
+        self.route(result, work)
+
     def _on_work(self, work: WorkMsg) -> None:
         try:
             msg = decode_message(work.data)
@@ -615,10 +690,15 @@ class CoordinatorHost:
 
     # -- commands
     async def execute(
-        self, state: TxState, commands: Iterable[Command], reply_subject: str
+        self,
+        state: TxState,
+        commands: Iterable[Command],
+        reply_subject: str,
+        direct: str | None = None,
     ) -> None:
         """Carry out ``commands`` (a :class:`Reject` is answered by the caller); step results
-        go to ``reply_subject`` (the transaction's partition subject)."""
+        go to ``direct`` (this host, straight away) if given, else to ``reply_subject`` (the
+        transaction's partition subject)."""
         transport = self.transport
         subjects = self.subjects
         tx = state.transaction_id
@@ -644,6 +724,7 @@ class CoordinatorHost:
                     async_=cmd.async_,
                     abortable=abortable,
                     reply_subject=reply_subject,
+                    direct=direct,
                 )
                 if executors is not None and executors.take(command):
                     continue

@@ -41,6 +41,10 @@ DEFAULT_MAX_DELIVER = 10
 crashes or kills its worker every time must not be redelivered forever. Deliveries also pile up
 while NATS is failing over (a cluster node lost), hence some room."""
 
+DIRECT_TIMEOUT = 3.0
+"""Seconds a worker waits for the coordinator to take a step's answer straight away (see
+``StepCommand.direct``) before it puts the answer on the work queue instead."""
+
 _Key = tuple[str, str, int]
 
 
@@ -154,13 +158,15 @@ class StepExecutor:
             raise
         finally:
             working.discard(work)
-        await host.transport.enqueue(
-            cmd.reply_subject,
-            encode_message(
-                TxEvent(workflow=cmd.workflow, transaction_id=cmd.transaction_id, event=event)
-            ),
-            msg_id=f"r:{cmd.transaction_id}:{cmd.step}:{cmd.action}:{cmd.attempt}",
+        data = encode_message(
+            TxEvent(workflow=cmd.workflow, transaction_id=cmd.transaction_id, event=event)
         )
+        if cmd.direct is None or not await host.hand_over(cmd.direct, data):
+            await host.transport.enqueue(
+                cmd.reply_subject,
+                data,
+                msg_id=f"r:{cmd.transaction_id}:{cmd.step}:{cmd.action}:{cmd.attempt}",
+            )
         await work.ack()
 
     async def invoke(self, cmd: StepCommand) -> StepDone | StepFailed:
@@ -410,6 +416,17 @@ class ExecutorHost:
             return False
         executor.take(cmd)
         return True
+
+    async def hand_over(self, subject: str, data: bytes) -> bool:
+        """Give a step's answer straight to the coordinator that asked (see
+        ``StepCommand.direct``): whether it took it (applied and persisted). ``False`` (it is
+        gone, busy past the deadline, or no longer owns the transaction): the caller puts the
+        answer on the work queue; should both arrive, the second is a duplicate, ignored."""
+        try:
+            reply = await self.transport.request(subject, data, timeout=DIRECT_TIMEOUT)
+        except TransportError:
+            return False
+        return reply.data == b"+"
 
     async def outstanding(self, cmd: StepCommand) -> bool:
         """Whether the transaction still waits for the answer to ``cmd``."""

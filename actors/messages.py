@@ -83,6 +83,10 @@ class StepCommand(
     abortable: bool = False
     """The workflow has a timeout: the handler may be cancelled by an :class:`AbortStep`."""
     reply_subject: str
+    direct: str | None = None
+    """A core subject where the coordinator that sent the command takes the answer straight
+    away: a request, answered ``+`` once the answer is applied and persisted. Without it, or
+    when the request gets anything else, the answer goes to ``reply_subject`` (the queue)."""
 
 
 class AbortStep(msgspec.Struct, frozen=True, kw_only=True, tag="abort", forbid_unknown_fields=True):

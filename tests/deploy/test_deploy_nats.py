@@ -203,15 +203,24 @@ async def test_every_connection_needs_a_user_and_its_password(server: NatsServer
 
 
 async def test_a_worker_can_do_its_job(server: NatsServer) -> None:
-    """As the worker: hear aborts on orch.ctl.*, pull step commands, publish results."""
+    """As the worker: hear aborts on orch.ctl.*, pull step commands, hand results straight to
+    the partition's owner or publish them to the partition."""
     coordinator_errors, worker_errors = Errors(), Errors()
-    commands, results, aborts = Received(), Received(), Received()
+    commands, results, direct, aborts = Received(), Received(), Received(), Received()
 
     async def run_step(work: WorkMsg) -> None:
         commands(work)
-        # The result goes to the transaction's partition, as a step executor sends it.
+        # The result goes to the partition's owner, then (as when it is not taken) to the
+        # transaction's partition, as a step executor sends it.
+        reply = await wt.request(SUBJECTS.result(0), b"result:" + work.data)
+        assert reply.data == b"+"
         await wt.enqueue("orch.tx.0", b"result:" + work.data, msg_id=f"r:{work.data.decode()}")
         await work.ack()
+
+    def take_direct(msg: Msg) -> None:
+        direct(msg)
+        assert msg.reply is not None
+        tasks.start_soon(ct.publish, msg.reply, b"+")  # allowed by allow_responses
 
     def take_result(work: WorkMsg) -> None:
         results(work)
@@ -227,6 +236,7 @@ async def test_a_worker_can_do_its_job(server: NatsServer) -> None:
         await ct.ensure_queue(SUBJECTS.work_queue_config())
         await wt.ensure_queue(SUBJECTS.work_queue_config())
         await ct.consume(WORK, "coordinator-tx-0", "orch.tx.0", take_result)
+        await ct.subscribe(SUBJECTS.results, take_direct, queue="coordinators")
         await wt.subscribe("orch.ctl.*", aborts)
         await wt.consume(
             WORK, "step-charge", SUBJECTS.step("charge"), lambda w: tasks.start_soon(run_step, w)
@@ -236,6 +246,8 @@ async def test_a_worker_can_do_its_job(server: NatsServer) -> None:
 
         (command,) = await commands.wait_for(1)
         assert (command.subject, command.data) == ("orch.step.charge", b"tx-1")
+        (handed,) = await direct.wait_for(1)
+        assert (handed.subject, handed.data) == ("orch.result.0", b"result:tx-1")
         (result,) = await results.wait_for(1)
         assert (result.subject, result.data) == ("orch.tx.0", b"result:tx-1")
         (abort,) = await aborts.wait_for(1)
@@ -276,7 +288,8 @@ async def test_a_worker_cannot_command_steps_or_take_the_coordinators_work(
 
 
 async def test_a_client_cannot_publish_step_commands(server: NatsServer) -> None:
-    """As the client: orch.step.* (and orch.tx.*, orch.ctl.*) are refused and go nowhere."""
+    """As the client: orch.step.* (and orch.tx.*, orch.result.*, orch.ctl.*) are refused and
+    go nowhere."""
     coordinator_errors, worker_errors, client_errors = Errors(), Errors(), Errors()
     aborts = Received()
     async with (
@@ -287,11 +300,14 @@ async def test_a_client_cannot_publish_step_commands(server: NatsServer) -> None
     ):
         await ct.ensure_queue(SUBJECTS.work_queue_config())
         # Subscribers for what the client will try: the work queue (a JetStream stream takes
-        # orch.step.* and orch.tx.*) and a worker listening for aborts on orch.ctl.*.
+        # orch.step.* and orch.tx.*), a worker listening for aborts on orch.ctl.* and a
+        # coordinator taking results on orch.result.*.
         await worker.subscribe("orch.ctl.*", cb=aborts.on_msg)
         await worker.flush()
+        await coordinator.subscribe("orch.result.*", queue="coordinators", cb=aborts.on_msg)
+        await coordinator.flush()
 
-        for subject in ("orch.step.x", "orch.tx.0", "orch.ctl.x"):
+        for subject in ("orch.step.x", "orch.tx.0", "orch.result.0", "orch.ctl.x"):
             await client.publish(subject, b"forged")
             await client_errors.wait_for_violation(subject)
         # What the client may do, on the same connection, after the refused ones: its
@@ -306,7 +322,7 @@ async def test_a_client_cannot_publish_step_commands(server: NatsServer) -> None
     assert worker_errors.items == []
     assert coordinator_errors.violations() == []
     violations = server_log_violations(server)
-    assert len(violations) == 3, violations
+    assert len(violations) == 4, violations
     assert all("user:client" in line for line in violations), violations
 
 
