@@ -19,6 +19,7 @@ import structlog
 from orchestrator._codec import EMPTY_MAP, decode, encode_value
 from orchestrator._graph import Graph
 from orchestrator._transaction import (
+    FINAL_STATES,
     Cancel,
     Complete,
     RetryStep,
@@ -92,12 +93,16 @@ class Gateway:
         graphs: Mapping[str, Graph],
         subjects: Subjects,
         route: Callable[[StartWorkflow, WorkMsg | None], None],
-        start_here: Callable[[StartWorkflow], Awaitable[bool | None]] | None = None,
+        start_here: Callable[..., Awaitable[bool | None]] | None = None,
+        watch: Callable[[str, Callable[[str, TxState], None]], Callable[[], None]] | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         clock: Callable[[], float],
     ) -> None:
         """``route`` takes the starts of the work queue; ``start_here``, when given, runs an API
-        start in this process if it can (see ``CoordinatorHost.start_here``), which spares the
+        start in this process if it can (see ``CoordinatorHost.start_here``: called with the
+        start and ``fresh``, whether the gateway named the transaction), and ``watch`` (see
+        ``CoordinatorHost.watch``) lets a start that ran here answer with its outcome (see
+        ``StartRequest.wait``); the first spares the
         start its trip through the queue."""
         self.transport = transport
         self.system = system
@@ -106,6 +111,7 @@ class Gateway:
         self.subjects = subjects
         self.route = route
         self.start_here = start_here
+        self.watch = watch
         self.max_payload = max_payload
         self.clock = clock
         self._replies: dict[str, Signal] = {}
@@ -140,6 +146,12 @@ class Gateway:
         self, data: bytes, headers: Mapping[str, str] | None, workflow: str | None
     ) -> StartWorkflow:
         """Check a start request and turn it into the internal start message."""
+        return self._start(data, headers, workflow)[0]
+
+    def _start(
+        self, data: bytes, headers: Mapping[str, str] | None, workflow: str | None
+    ) -> tuple[StartWorkflow, StartRequest]:
+        """:meth:`start_message`, and the request it came from."""
         if len(data) > self.max_payload:
             raise ProtocolError(
                 f"the start request has {len(data)} bytes; the limit is {self.max_payload}"
@@ -163,12 +175,12 @@ class Gateway:
             context = encode_value(request.context, "the context") if request.context else None
         except TypeError as exc:
             raise ProtocolError(str(exc)) from None
-        return StartWorkflow(
-            workflow=name,
-            transaction_id=tx,
-            input=data_in,
-            context=context or EMPTY_MAP,
+        if request.wait is not None and not request.wait >= 0:
+            raise ProtocolError(f"wait must be a number of seconds >= 0, not {request.wait!r}")
+        start = StartWorkflow(
+            workflow=name, transaction_id=tx, input=data_in, context=context or EMPTY_MAP
         )
+        return start, request
 
     async def _reject(self, work: WorkMsg, workflow: str, message: str) -> None:
         log.warning("bad start request", subject=work.subject, error=message)
@@ -215,13 +227,11 @@ class Gateway:
     async def answer(self, verb: str, msg: Msg) -> ApiReply:
         encoding = content_type(msg.headers, msg.data)
         if verb == "start":
-            start = self.start_message(msg.data, msg.headers, None)
+            start, request = self._start(msg.data, msg.headers, None)
             if self.start_here is not None:
-                fresh = await self.start_here(start)
-                if fresh is not None:  # its first turn is persisted: as durable as the queue
-                    return ApiReply(
-                        ok=True, transaction_id=start.transaction_id, duplicate=not fresh
-                    )
+                reply = await self._start_here(start, request)
+                if reply is not None:  # its first turn is persisted: as durable as the queue
+                    return reply
             # Onto the durable start subject, as any client could have put it, with the id fixed.
             request = StartRequest(
                 workflow=start.workflow,
@@ -275,6 +285,43 @@ class Gateway:
         raise ProtocolError(
             f"unknown API verb {verb!r}; verbs: start, get, list, cancel, set_step_success, "
             "set_step_failure, retry_step"
+        )
+
+    async def _start_here(self, start: StartWorkflow, request: StartRequest) -> ApiReply | None:
+        """Start in this process (``None``: not done here), and with ``request.wait``, answer
+        with the outcome if it comes in time."""
+        assert self.start_here is not None
+        tx = start.transaction_id
+        outcome: list[TxState] = []
+        came = Signal()
+        unwatch = None
+        if request.wait and self.watch is not None:  # before the start: it may end at once
+
+            def watcher(kind: str, state: TxState) -> None:
+                outcome.append(state)
+                came.set()
+
+            unwatch = self.watch(tx, watcher)
+        try:
+            fresh = await self.start_here(start, fresh=request.transaction_id is None)
+            if fresh is None:
+                return None
+            if not fresh or unwatch is None:  # a duplicate, or nobody waits
+                return ApiReply(ok=True, transaction_id=tx, duplicate=not fresh)
+            with anyio.move_on_after(request.wait or 0):
+                await came.wait()
+        finally:
+            if unwatch is not None:
+                unwatch()
+        if not outcome:
+            return ApiReply(ok=True, transaction_id=tx)
+        state = outcome[-1]
+        return ApiReply(
+            ok=True,
+            transaction_id=tx,
+            state=state.status,
+            settled=state.status not in FINAL_STATES,
+            result=self.result(state),
         )
 
     def result(self, state: TxState) -> Any:

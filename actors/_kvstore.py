@@ -149,7 +149,7 @@ class KvStore(Store):
                 f"transaction {tx!r} was written by someone else since it was read"
             ) from exc
 
-    async def finish(self, state: TxState, retention: float) -> None:
+    async def finish(self, state: TxState, retention: float, *, forget: bool = True) -> None:
         tx = state.transaction_id
         key = kv_key(tx)
         if retention > 0:
@@ -159,8 +159,12 @@ class KvStore(Store):
             except KeyExistsError:  # finished again (a cancel after done): a fresh ttl
                 await self.done.delete(key)
                 await self.done.create(key, data, ttl=retention)
-        await self.live_bucket.delete(key)
-        self._revisions.pop(tx, None)
+        if forget or retention <= 0:  # nothing retained to be newer than the checkpoint
+            await self.forget(tx)
+
+    async def forget(self, transaction_id: str) -> None:
+        await self.live_bucket.delete(kv_key(transaction_id))
+        self._revisions.pop(transaction_id, None)
 
     async def live(self, where: Callable[[str], bool] | None = None) -> list[TxState]:
         # Only the keys that pass are read: a takeover of one partition reads its own share.

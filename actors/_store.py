@@ -40,8 +40,16 @@ class Store(ABC):
         """Persist the checkpoint of a live transaction."""
 
     @abstractmethod
-    async def finish(self, state: TxState, retention: float) -> None:
-        """Move a finished transaction to the retained set for ``retention`` seconds."""
+    async def finish(self, state: TxState, retention: float, *, forget: bool = True) -> None:
+        """Move a finished transaction to the retained set for ``retention`` seconds.
+
+        ``forget=False``: a store that keeps live checkpoints apart may leave this one behind
+        (the retained copy is newer, and wins) until :meth:`forget`, so that a coordinator can
+        let the finish out before that second write.
+        """
+
+    async def forget(self, transaction_id: str) -> None:  # noqa: B027 - nothing by default
+        """Drop the live checkpoint a ``finish(..., forget=False)`` left behind."""
 
     @abstractmethod
     async def live(self, where: Callable[[str], bool] | None = None) -> list[TxState]:
@@ -84,7 +92,7 @@ class MemoryStore(Store):
     async def save(self, state: TxState) -> None:
         self._live[state.transaction_id] = state
 
-    async def finish(self, state: TxState, retention: float) -> None:
+    async def finish(self, state: TxState, retention: float, *, forget: bool = True) -> None:
         tx = state.transaction_id
         self._live.pop(tx, None)
         if retention > 0:

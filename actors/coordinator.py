@@ -95,9 +95,21 @@ class LocalStart(WorkMsg):
     ours), settled like a delivery: acked once the transaction's first turn is persisted (or
     the start found a duplicate); any other outcome means "not done here"."""
 
-    __slots__ = ("_settled", "data", "duplicate", "headers", "num_delivered", "outcome", "subject")
+    __slots__ = (
+        "_settled",
+        "data",
+        "duplicate",
+        "fresh",
+        "headers",
+        "num_delivered",
+        "outcome",
+        "subject",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, *, fresh: bool = False) -> None:
+        self.fresh = fresh
+        """The transaction id was just generated (by the gateway): no transaction has it, so
+        the actor need not look for one."""
         self.subject = ""
         self.data = b""
         self.headers = None
@@ -328,7 +340,10 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
     async def _load(self, batch: list[tuple[Any, WorkMsg | None]]) -> None:
         """Read the transaction's state on activation (and re-arm its timers)."""
         host = self.host
-        if isinstance(batch[0][0], StartWorkflow) and not self.restarted:
+        msg, work = batch[0]
+        if isinstance(work, LocalStart) and work.fresh and not self.restarted:
+            self.state = None
+        elif isinstance(msg, StartWorkflow) and not self.restarted:
             # Most likely a new transaction: the store may skip what the first checkpoint's
             # create-if-absent checks anyway (a conflict restarts the actor, which then loads
             # in full and finds the start a duplicate).
@@ -377,7 +392,9 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
         if retire or (not finished and (initial is None or state.version != initial.version)):
             host.fence(self.partition)
             if retire and not nested:
-                await host.retire(state)
+                # The retained copy is the finish; its live checkpoint goes once the finish is
+                # out (a crash in between leaves it behind, older, and the store drops it).
+                await host.retire(state, forget=False)
             else:
                 # A nested transaction keeps its final state as a checkpoint until it told its
                 # parent: a crash in between leaves it to whoever takes the partition over, who
@@ -386,8 +403,11 @@ class CoordinatorActor(Actor[tuple[Any, WorkMsg | None]]):
         await host.execute(
             state, commands, self.subject, self.direct if host.takes_results else None
         )
-        if retire and nested:
-            await host.retire(state)
+        if retire:
+            if nested:
+                await host.retire(state)
+            else:
+                await host.store.forget(state.transaction_id)
         if finished and not retire and batch is not None and _cancelled_by_parent(batch):
             await host.notify_parent(state, action="compensate")
         if graph.has_async:
@@ -634,15 +654,18 @@ class CoordinatorHost:
         else:
             self.system.dispatcher.submit(self._forward_start, msg, work)
 
-    async def start_here(self, msg: StartWorkflow, *, timeout: float) -> bool | None:
+    async def start_here(
+        self, msg: StartWorkflow, *, timeout: float, fresh: bool = False
+    ) -> bool | None:
         """Start ``msg`` in this process if its partition is ours: whether it was fresh (not
         a duplicate) once its first turn is persisted; ``None`` when it was not done here (not
         our partition, the turn failed, or no answer within ``timeout`` seconds), and the
-        caller puts it on the work queue instead (a second start of one id only attaches)."""
+        caller puts it on the work queue instead (a second start of one id only attaches).
+        ``fresh``: see ``LocalStart``."""
         leases = self.leases
         if leases is not None and not leases.writable(self.subjects.partition(msg.transaction_id)):
             return None
-        work = LocalStart()
+        work = LocalStart(fresh=fresh)
         self.route(msg, work)
         with anyio.move_on_after(timeout):
             if await work.wait() == "ack":
@@ -808,10 +831,12 @@ class CoordinatorHost:
             msg_id=msg_id,
         )
 
-    async def retire(self, state: TxState) -> None:
-        """Move a finished transaction to the retained set, for its workflow's retention."""
+    async def retire(self, state: TxState, *, forget: bool = True) -> None:
+        """Move a finished transaction to the retained set, for its workflow's retention
+        (``forget``: see ``Store.finish``)."""
         retention = self.graphs[state.workflow].retention
-        await self.store.finish(state, self.retention if retention is None else retention)
+        retention = self.retention if retention is None else retention
+        await self.store.finish(state, retention, forget=forget)
 
     async def notify_parent_suspended(self, state: TxState) -> None:
         """Tell the parent step that this nested transaction only waits now."""

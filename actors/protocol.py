@@ -46,6 +46,11 @@ class StartRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     transaction_id: str | None = None
     input: Any = None
     context: dict[str, Any] = msgspec.field(default_factory=dict)
+    wait: float | None = None
+    """``api.start`` only: answer once the transaction finishes or only waits on async steps,
+    with its ``result`` (as ``get`` gives it), if that happens within ``wait`` seconds; the
+    answer comes without a result otherwise (a duplicate start, a start that runs in another
+    coordinator's process, or one still running then): watch its events, or ask ``get``."""
 
 
 class StepRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -72,12 +72,15 @@ class EngineAPI:
     def _workflow_name(self, workflow: Any) -> str:
         return str(getattr(workflow, "name", workflow))
 
-    async def _call(self, verb: str, request: msgspec.Struct) -> ApiReply:
+    async def _call(
+        self, verb: str, request: msgspec.Struct, *, extra_time: float = 0.0
+    ) -> ApiReply:
+        """The answer to an API request (``extra_time``: how long it may wait on purpose)."""
         reply: Msg = await self.transport.request(
             self.subjects.api(verb),
             msgspec.msgpack.encode(request),
             headers={"Content-Type": MSGPACK},
-            timeout=self.request_timeout,
+            timeout=self.request_timeout + extra_time,
         )
         answer = _reply_decoder.decode(reply.data)
         raise_for(answer)

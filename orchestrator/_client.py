@@ -9,7 +9,7 @@ import anyio
 import msgspec
 
 from actors import Mailbox, Subjects, new_transaction_id
-from actors.protocol import GetRequest, ListRequest, StartRequest
+from actors.protocol import ApiReply, GetRequest, ListRequest, StartRequest
 from transport import Msg, Transport, TransportError
 
 from ._api import EngineAPI, TransactionHandle
@@ -88,12 +88,21 @@ class Client(EngineAPI):
     ) -> WorkflowResult:
         """Run a workflow and wait until it finishes, or only waits on async steps."""
         name = self._workflow_name(workflow)
-        tx = transaction_id or new_transaction_id(name)
-        async with self._watch(tx) as box:
-            fresh = await self._send_start(name, tx, input, context)
-            # A fresh start is answered by events (its run's, or the finish of an earlier run
-            # of the same id); a deduplicated one may have finished already: ask first.
-            result = await self._until(tx, box, timeout, settle=True, ask=not fresh)
+        with anyio.fail_after(timeout):
+            # One request, answered with the outcome when the start runs in the process of the
+            # coordinator that took it and ends within `recheck` (most runs); the id is the
+            # gateway's to name when we have none, which spares it a look for an earlier run.
+            wait = self.recheck if timeout is None else min(self.recheck, timeout)
+            answer = await self._request_start(name, transaction_id, input, context, wait)
+            tx = answer.transaction_id
+            assert tx is not None
+            result = answer.result
+            if result is None:
+                # Still running, or elsewhere, or a start of an id that exists: its events
+                # (watched from now on) or its state (asked first) tell how it ends.
+                self._started[tx] = name
+                async with self._watch(tx) as box:
+                    result = await self._until(tx, box, None, settle=True, ask=True)
         if result_from is not None:
             result = await self._get(tx, result_from)
         if throw_on_error and result.state in (TransactionState.REVERTED, TransactionState.FAILED):
@@ -118,23 +127,38 @@ class Client(EngineAPI):
         self, workflow: str, tx: str, input: Any, context: Mapping[str, Any] | None
     ) -> bool:
         """Start ``tx``; whether the start was fresh (not a duplicate of one moments ago)."""
-        # Through the API, not straight onto the start subject: the gateway checks the request
-        # (workflow known, input encodable, size) and says what is wrong before anything runs.
-        request = StartRequest(
-            workflow=workflow, transaction_id=tx, input=input, context=dict(context or {})
-        )
         self._started[tx] = workflow
         try:
-            answer = await self._call("start", request)
-        except TypeError as exc:
-            self._started.pop(tx, None)
-            raise ConfigurationError(
-                f"the input of workflow {workflow!r} cannot be encoded: {exc}"
-            ) from None
+            answer = await self._request_start(workflow, tx, input, context)
         except BaseException:
             self._started.pop(tx, None)
             raise
         return not answer.duplicate
+
+    async def _request_start(
+        self,
+        workflow: str,
+        tx: str | None,
+        input: Any,
+        context: Mapping[str, Any] | None,
+        wait: float | None = None,
+    ) -> ApiReply:
+        """The gateway's answer to a start (see ``StartRequest.wait``)."""
+        # Through the API, not straight onto the start subject: the gateway checks the request
+        # (workflow known, input encodable, size) and says what is wrong before anything runs.
+        request = StartRequest(
+            workflow=workflow,
+            transaction_id=tx,
+            input=input,
+            context=dict(context or {}),
+            wait=wait,
+        )
+        try:
+            return await self._call("start", request, extra_time=wait or 0.0)
+        except TypeError as exc:
+            raise ConfigurationError(
+                f"the input of workflow {workflow!r} cannot be encoded: {exc}"
+            ) from None
 
     async def wait(self, transaction_id: str, *, timeout: float | None = None) -> WorkflowResult:
         """Wait until the transaction is finished; its result (never raises for a failure)."""

@@ -243,6 +243,7 @@ class Coordinator(_Service):
                 subjects=self.subjects,
                 route=host.route_start,
                 start_here=partial(host.start_here, timeout=_START_HERE_TIMEOUT),
+                watch=host.watch,
                 max_payload=self.max_payload,
                 clock=host.clock,
             )

@@ -58,7 +58,7 @@ async def _services(store: Store | None = None) -> AsyncIterator[tuple[Client, C
     transport = MemoryTransport()
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(transport)
-        if isinstance(store, _FailingSaves):
+        if isinstance(store, KvStore):
             store.transport = transport
         coordinator = await stack.enter_async_context(
             Coordinator([flow], transport=transport, prefix="as", store=store)
@@ -116,3 +116,56 @@ async def test_an_api_start_whose_first_turn_fails_takes_the_queue() -> None:
     assert result.state is TransactionState.DONE
     assert result.result == {"n": 2}
     assert runs == ["as-2"]
+
+
+class _CountedStarts(KvStore):
+    """A key-value store that counts the reads of starting transactions."""
+
+    def __init__(self, transport: MemoryTransport) -> None:
+        super().__init__(transport, prefix="as")
+        self.start_reads: list[str] = []
+
+    async def load_start(self, transaction_id: str) -> TxState | None:
+        self.start_reads.append(transaction_id)
+        return await super().load_start(transaction_id)
+
+
+async def test_a_run_is_one_request_and_a_named_id_is_looked_up_first() -> None:
+    # `run` without an id: the gateway names the transaction (so it need not look for an
+    # earlier run of it) and answers with the outcome. With an id, the start reads the store
+    # first (an earlier run of that id is attached to, never run again).
+    runs.clear()
+    store = _CountedStarts(MemoryTransport())
+    async with _services(store) as (client, _):
+        with anyio.fail_after(10):
+            fresh = await client.run("as-flow", {"n": 1})
+            named = await client.run("as-flow", {"n": 5}, transaction_id="as-3")
+            again = await client.run("as-flow", {"n": 5}, transaction_id="as-3")
+    assert (fresh.state, fresh.result) == (TransactionState.DONE, {"n": 2})
+    assert (named.result, again.result) == ({"n": 6}, {"n": 6})
+    assert runs == [fresh.transaction_id, "as-3"]
+    assert store.start_reads == ["as-3", "as-3"]
+
+
+async def _slow(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    await anyio.sleep(0.3)  # longer than the client's recheck below: the answer has no result
+    return {"n": data["n"] + 1}
+
+
+slow_note = create_step("as-slow", _slow)
+slow_flow = create_workflow("as-slow-flow", lambda inp: slow_note(inp))
+
+
+async def test_a_run_that_outlasts_the_wait_is_followed_by_its_events() -> None:
+    transport = MemoryTransport()
+    async with (
+        transport,
+        Coordinator([slow_flow], transport=transport, prefix="sl") as coordinator,
+        Worker([slow_flow], transport=transport, prefix="sl"),
+        Client(transport, prefix="sl", owns_transport=False, recheck=0.05) as client,
+    ):
+        assert coordinator.leases is not None
+        await coordinator.leases.wait_owned(timeout=10)
+        with anyio.fail_after(10):
+            result = await client.run("as-slow-flow", {"n": 1})
+    assert (result.state, result.result) == (TransactionState.DONE, {"n": 2})

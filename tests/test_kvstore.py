@@ -49,3 +49,28 @@ async def test_a_finish_cut_short_leaves_no_checkpoint_behind_once_loaded() -> N
         assert (loaded.status, loaded.version) == ("done", 4)
         assert await store.live() == []
         assert await store.read("t/1") == loaded
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("retention", [60.0, 0.0])
+async def test_a_finish_that_keeps_the_checkpoint_until_forget(retention: float) -> None:
+    # A coordinator retires a transaction, lets its finish out, and only then drops the
+    # checkpoint: in between, every read finds it finished (with nothing retained, there is
+    # no newer copy to win, so the checkpoint goes at once).
+    async with MemoryTransport() as transport:
+        store = KvStore(transport, prefix="keep")
+        await store.open()
+        live = TxState(workflow="w", transaction_id="t-2", status="invoking", version=3)
+        await store.save(live)
+        final = msgspec.structs.replace(live, status="done", version=4)
+
+        await store.finish(final, retention, forget=False)
+
+        kept = await store.live_bucket.get("t-2")
+        assert (kept is not None) == (retention > 0)
+        expected = final if retention > 0 else None
+        assert await store.read("t-2") == expected
+        await store.forget("t-2")
+        assert await store.live_bucket.get("t-2") is None
+        assert await store.live() == []
+        assert await store.read("t-2") == expected

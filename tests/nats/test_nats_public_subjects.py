@@ -190,6 +190,65 @@ async def test_api_start_replies_with_the_transaction_id(nats_server: Any) -> No
     assert [s["name"] for s in state["result"]["steps"]] == ["pub-reserve", "placed", "pub-charge"]
 
 
+async def _api(nc: Any, subject: str, request: dict[str, Any], timeout: float = 10) -> Any:
+    reply = await nc.request(
+        subject,
+        json.dumps(request).encode(),
+        timeout=timeout,
+        headers={"Content-Type": "application/json"},
+    )
+    return json.loads(reply.data)
+
+
+async def test_api_start_with_wait_replies_with_the_outcome(nats_server: Any) -> None:
+    # One request, one answer with the result: no subscription, no second request.
+    async with services(nats_server.url) as prefix:
+        nc = await nats.connect(nats_server.url)
+        try:
+            start = f"{prefix}.api.start"
+            good = {"workflow": "pub-order", "input": {"items": ["x"], "total": 5}, "wait": 5}
+            done = await _api(nc, start, good)
+            declined = {**good, "input": {"items": ["y"], "total": 7, "card": "declined"}}
+            reverted = await _api(nc, start, {**declined, "transaction_id": "pub-declined"})
+            # A start of an id that exists only attaches: the answer says so, without a result
+            # (the caller asks `get`, as for any duplicate).
+            again = await _api(nc, start, {**declined, "transaction_id": "pub-declined"})
+            bad_wait = await _api(nc, start, {**good, "wait": -1})
+        finally:
+            await nc.close()
+    assert done["ok"] is True
+    assert done["state"] == "done"
+    assert done["result"]["transaction_id"] == done["transaction_id"]
+    assert done["result"]["result"]["payment"] == {"charged": 5}
+    assert [s["name"] for s in done["result"]["steps"]] == ["pub-reserve", "placed", "pub-charge"]
+    assert reverted["transaction_id"] == "pub-declined"
+    assert reverted["state"] == reverted["result"]["state"] == "reverted"
+    assert again == {"ok": True, "transaction_id": "pub-declined", "duplicate": True}
+    assert bad_wait["ok"] is False
+    assert bad_wait["error_type"] == "ProtocolError"
+    assert "wait must be" in bad_wait["error"]
+
+
+async def test_api_start_with_wait_answers_without_a_result_when_it_runs_longer(
+    nats_server: Any,
+) -> None:
+    async with services(nats_server.url) as prefix:
+        nc = await nats.connect(nats_server.url)
+        try:
+            request = {"workflow": "pub-order", "input": {"items": ["x"], "total": 5}, "wait": 0}
+            answer = await _api(nc, f"{prefix}.api.start", request)
+            tx = answer["transaction_id"]
+            with anyio.fail_after(10):
+                while True:  # it runs on: its state says when it is over
+                    got = await _api(nc, f"{prefix}.api.get", {"transaction_id": tx})
+                    if got["result"]["state"] == "done":
+                        break
+        finally:
+            await nc.close()
+    assert "result" not in answer
+    assert got["result"]["result"]["payment"] == {"charged": 5}
+
+
 async def test_hook_payloads_reach_plain_subscribers(nats_server: Any) -> None:
     async with services(nats_server.url) as prefix:
         nc = await nats.connect(nats_server.url)
