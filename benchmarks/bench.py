@@ -32,6 +32,7 @@ from orchestrator import (
     create_workflow,
     parallelize,
 )
+from orchestrator.services import loop_options
 
 WARMUP = 500
 
@@ -260,7 +261,7 @@ def main() -> None:
     parser.add_argument("--prefix", default="bench", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        anyio.run(serve, args.serve, args.url, args.prefix)
+        anyio.run(serve, args.serve, args.url, args.prefix, backend_options=loop_options())
         return
     wanted = set(args.cases.split(","))
     cases = [c for c in CASES if c["id"] in wanted]
@@ -276,8 +277,8 @@ def main() -> None:
         cases = [c for c in cases if c["id"] != "b"]
     syncs = ["default", "always"] if args.sync == "both" else [args.sync]
     levels = [int(x) for x in args.concurrency.split(",")]
-    for sync in syncs:
-        anyio.run(bench_nats, cases, sync, levels)
+    for sync in syncs:  # the client runs on the services' loop too (see loop_options)
+        anyio.run(bench_nats, cases, sync, levels, backend_options=loop_options())
 
 
 if __name__ == "__main__":

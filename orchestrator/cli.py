@@ -107,6 +107,7 @@ from .services import (
     DEFAULT_RETENTION,
     Coordinator,
     Worker,
+    loop_options,
 )
 
 __all__ = [
@@ -848,7 +849,7 @@ def _failure(exc: BaseException, nats: NatsOptions | None) -> tuple[str, int] | 
 def _execute(main: Callable[[], Awaitable[int]], nats: NatsOptions | None = None) -> NoReturn:
     """Run a command's async body; its errors become one line and an exit code."""
     try:
-        code = anyio.run(main)
+        code = anyio.run(main, backend_options=loop_options())
     except Exception as exc:
         failure = _failure(exc, nats)
         if failure is None:

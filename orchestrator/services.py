@@ -33,6 +33,7 @@ from transport import Transport
 
 from ._composer import Workflow
 from ._errors import ConfigurationError
+from ._runner import loop_options
 from ._step import Step, as_container
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "Coordinator",
     "Worker",
     "collect_workflows",
+    "loop_options",
     "step_table",
 ]
 
