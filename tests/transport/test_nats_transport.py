@@ -218,3 +218,25 @@ async def test_subscribers_get_messages_from_any_nats_client(
 def transport_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     caplog.set_level(logging.WARNING, logger="transport")
     return caplog
+
+
+async def test_handlers_run_as_messages_are_read_and_leave_nothing_behind(
+    nats_server: NatsServer, client: Client, ns: str
+) -> None:
+    # Subscription handlers run in the connection's reading task (no task and queue of their
+    # own); an unsubscribed one is forgotten, however many come and go (a client watches each
+    # run it waits for).
+    got = Received[Msg]()
+    async with NatsTransport(nats_server.url) as transport:
+        nc = transport.nats_client
+        inline = nc._inline  # type: ignore[attr-defined]
+        before = len(inline)
+        for i in range(50):
+            sub = await transport.subscribe(f"{ns}.run.{i}", got)
+            await client.publish(f"{ns}.run.{i}", str(i).encode())
+            await client.flush()
+            await got.wait_for(i + 1)
+            await sub.unsubscribe()
+        assert len(inline) == before
+        assert len(nc._subs) == before
+    assert [m.data for m in got.items] == [str(i).encode() for i in range(50)]
