@@ -240,3 +240,30 @@ async def test_handlers_run_as_messages_are_read_and_leave_nothing_behind(
         assert len(inline) == before
         assert len(nc._subs) == before
     assert [m.data for m in got.items] == [str(i).encode() for i in range(50)]
+
+
+async def test_a_subscription_is_on_the_wire_before_the_ping_that_confirms_it(
+    nats_server: NatsServer, ns: str
+) -> None:
+    # `subscribe` returns once a PING sent after the SUB comes back: the PING must follow the
+    # SUB on the wire (nats-py's own writes it ahead of commands still queued for its flusher).
+    async with NatsTransport(nats_server.url) as transport:
+        wire = transport.nats_client._transport
+        written: list[bytes] = []
+        write, writelines = wire.write, wire.writelines
+
+        def record(data: bytes) -> None:
+            written.append(bytes(data))
+            write(data)
+
+        def record_lines(lines: list[bytes]) -> None:
+            written.extend(bytes(line) for line in lines)
+            writelines(lines)
+
+        wire.write, wire.writelines = record, record_lines  # type: ignore[method-assign]
+        try:
+            await transport.subscribe(f"{ns}.confirmed", lambda msg: None)
+        finally:
+            wire.write, wire.writelines = write, writelines  # type: ignore[method-assign]
+    stream = b"".join(written)
+    assert stream.index(f"SUB {ns}.confirmed".encode()) < stream.index(b"PING\r\n"), stream
