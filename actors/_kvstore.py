@@ -88,11 +88,11 @@ class KvStore(Store):
         if (
             live is not None
             and done is not None
-            and state is not None
-            and state.version >= _decoder.decode(live.value).version
+            and _decoder.decode(done.value).version >= _decoder.decode(live.value).version
         ):
             # A finish cut short (its coordinator died between the two writes) left the
-            # checkpoint behind: the retained copy is newer, so drop it now.
+            # checkpoint behind: the retained copy is newer, so drop it now. (A newer
+            # checkpoint is a finished transaction being compensated, a cancel: it stays.)
             with contextlib.suppress(RevisionMismatchError):
                 await self.live_bucket.delete(key, last_revision=live.revision)
             live = None

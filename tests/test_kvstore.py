@@ -74,3 +74,30 @@ async def test_a_finish_that_keeps_the_checkpoint_until_forget(retention: float)
         assert await store.live_bucket.get("t-2") is None
         assert await store.live() == []
         assert await store.read("t-2") == expected
+
+
+@pytest.mark.anyio
+async def test_a_finished_transaction_being_compensated_keeps_its_checkpoint() -> None:
+    # A cancel reopened a finished (retained) transaction: its checkpoint is newer than the
+    # retained copy, and a load (a takeover, a re-activation) must keep it, revision and all.
+    async with MemoryTransport() as transport:
+        store = KvStore(transport, prefix="reopen")
+        await store.open()
+        final = TxState(workflow="w", transaction_id="t-3", status="done", version=4)
+        await store.finish(final, 60)
+        compensating = msgspec.structs.replace(final, status="compensating", version=6)
+        await store.save(compensating)
+
+        other = KvStore(transport, prefix="reopen")  # another coordinator, after a takeover
+        await other.open()
+        loaded = await other.load("t-3")
+
+        assert loaded == compensating
+        assert [s.transaction_id for s in await store.live()] == ["t-3"]
+        assert await store.read("t-3") == compensating
+        # ... and the coordinator that loaded it writes it next with compare-and-set.
+        owner = KvStore(transport, prefix="reopen")
+        await owner.open()
+        assert await owner.load("t-3") == compensating
+        await owner.save(msgspec.structs.replace(compensating, version=7))
+        assert (await store.read("t-3")).version == 7  # type: ignore[union-attr]

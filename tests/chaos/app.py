@@ -52,6 +52,7 @@ from orchestrator import (
     parallelize,
 )
 from orchestrator._step import Step
+from orchestrator.services import loop_options
 
 MAX_RETRIES = 2
 """Retries of every step's invoke and compensation (so a flaky compensation recovers)."""
@@ -405,7 +406,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
     open_ledger(args.ledger).close()
-    anyio.run(serve, args)
+    anyio.run(serve, args, backend_options=loop_options())  # the services' loop (uvloop)
 
 
 if __name__ == "__main__":
