@@ -156,11 +156,28 @@ class KvStore(Store):
             data = _encoder.encode(state)
             try:
                 await self.done.create(key, data, ttl=retention)
-            except KeyExistsError:  # finished again (a cancel after done): a fresh ttl
-                await self.done.delete(key)
-                await self.done.create(key, data, ttl=retention)
+            except KeyExistsError:
+                await self._refinish(key, state, data, retention)
         if forget or retention <= 0:  # nothing retained to be newer than the checkpoint
             await self.forget(tx)
+
+    async def _refinish(self, key: str, state: TxState, data: bytes, retention: float) -> None:
+        """Retain ``state`` where a retained copy exists: nothing to write if it is that one
+        (a finish let out again, after a restart or a takeover), else (finished again: a
+        cancel after done) replace it in one compare-and-set write, which starts its ttl
+        anew. Never a delete first: a failure in between would leave no copy at all."""
+        entry = await self.done.get(key)
+        if entry is None:  # it expired meanwhile
+            await self.done.create(key, data, ttl=retention)
+            return
+        if _decoder.decode(entry.value).version >= state.version:
+            return
+        try:
+            await self.done.update(key, data, entry.revision)
+        except RevisionMismatchError as exc:
+            raise StoreConflictError(
+                f"transaction {state.transaction_id!r} was retained by someone else meanwhile"
+            ) from exc
 
     async def forget(self, transaction_id: str) -> None:
         await self.live_bucket.delete(kv_key(transaction_id))

@@ -101,3 +101,31 @@ async def test_a_finished_transaction_being_compensated_keeps_its_checkpoint() -
         assert await owner.load("t-3") == compensating
         await owner.save(msgspec.structs.replace(compensating, version=7))
         assert (await store.read("t-3")).version == 7  # type: ignore[union-attr]
+
+
+@pytest.mark.anyio
+async def test_a_finish_let_out_again_keeps_the_retained_copy() -> None:
+    # A finish repeated (a restart or a takeover resumed a finished transaction) writes nothing;
+    # a later finish (a cancel after done) replaces the copy in one write. Never is there a
+    # moment without a retained copy (it used to be deleted and written again).
+    async with MemoryTransport() as transport:
+        store = KvStore(transport, prefix="again")
+        await store.open()
+        final = TxState(workflow="w", transaction_id="t-4", status="done", version=4)
+        await store.finish(final, 60)
+        first = await store.done.get("t-4")
+        assert first is not None
+
+        await store.finish(final, 60)  # let out again
+        again = await store.done.get("t-4")
+        assert again is not None
+        assert again.revision == first.revision
+
+        reverted = msgspec.structs.replace(final, status="reverted", version=9)
+        await store.finish(reverted, 60)  # compensated after it was done
+        assert await store.read("t-4") == reverted
+        latest = await store.done.get("t-4")
+        assert latest is not None
+        assert latest.revision > first.revision
+        await store.finish(final, 60)  # a stale finish changes nothing
+        assert await store.read("t-4") == reverted
