@@ -308,8 +308,7 @@ class Gateway:
                 return None
             if not fresh or unwatch is None:  # a duplicate, or nobody waits
                 return ApiReply(ok=True, transaction_id=tx, duplicate=not fresh)
-            with anyio.move_on_after(request.wait or 0):
-                await came.wait()
+            await came.wait_for(request.wait or 0)
         finally:
             if unwatch is not None:
                 unwatch()

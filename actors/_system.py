@@ -27,10 +27,11 @@ class Signal:
     directly. Cancelling the waiting task cancels the future; ``set`` is then a no-op.
     """
 
-    __slots__ = ("_future",)
+    __slots__ = ("_future", "_late")
 
     def __init__(self) -> None:
         self._future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._late = False
 
     def set(self) -> None:
         """Wake the waiter (idempotent)."""
@@ -43,6 +44,23 @@ class Signal:
     async def wait(self) -> None:
         """Wait until :meth:`set` is called."""
         await self._future
+
+    async def wait_for(self, timeout: float) -> bool:
+        """:meth:`wait`, for at most ``timeout`` seconds: whether it was set in time (a
+        timer, not a cancel scope: this is on the path of every API start)."""
+        future = self._future
+        if not future.done():
+            timer = future.get_loop().call_later(timeout, self._expire)
+            try:
+                await future
+            finally:
+                timer.cancel()
+        return not self._late
+
+    def _expire(self) -> None:
+        if not self._future.done():
+            self._late = True
+            self._future.set_result(None)
 
 
 class Mailbox(Generic[M]):

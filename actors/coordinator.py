@@ -136,10 +136,10 @@ class LocalStart(WorkMsg):
             self.outcome = outcome
             self._settled.set()
 
-    async def wait(self) -> str:
-        """How the actor settled it: ``"ack"``, ``"nak"`` or ``"term"``."""
-        await self._settled.wait()
-        assert self.outcome is not None
+    async def wait(self, timeout: float) -> str | None:
+        """How the actor settled it: ``"ack"``, ``"nak"`` or ``"term"``; ``None`` if it did
+        not within ``timeout`` seconds."""
+        await self._settled.wait_for(timeout)
         return self.outcome
 
 
@@ -667,9 +667,8 @@ class CoordinatorHost:
             return None
         work = LocalStart(fresh=fresh)
         self.route(msg, work)
-        with anyio.move_on_after(timeout):
-            if await work.wait() == "ack":
-                return not work.duplicate
+        if await work.wait(timeout) == "ack":
+            return not work.duplicate
         return None
 
     async def _forward_start(self, msg: StartWorkflow, work: WorkMsg | None) -> None:

@@ -55,7 +55,14 @@ from ._contract import (
     check_replicas,
 )
 from ._memory_kv import check_settings
-from ._subjects import check_bucket, check_key, check_name, collide, compile_pattern, split_subject
+from ._subjects import (
+    check_bucket,
+    check_key_cached,
+    check_name,
+    check_subject,
+    collide,
+    compile_pattern,
+)
 
 __all__ = ["NatsTransport"]
 
@@ -167,6 +174,8 @@ class _NatsSubscription(Subscription):
 
 
 _WHITESPACE = re.compile(r"\s")
+_V1_ACK_TOKENS = 9
+"""Tokens of a JetStream ack subject without domain and account (``$JS.ACK.<stream>...``)."""
 _PING = b"PING\r\n"
 _HEADER_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 """A header name nats-py sends as is (its own rule)."""
@@ -524,9 +533,9 @@ class NatsTransport(Transport):
         reply: str | None = None,
     ) -> None:
         nc = self._client()
-        split_subject(subject)
+        check_subject(subject)
         if reply:
-            split_subject(reply)
+            check_subject(reply)
         try:
             await nc.send(subject, data, reply or "", headers or None)
         except nats.errors.Error as error:
@@ -564,7 +573,7 @@ class NatsTransport(Transport):
         timeout: float = 5.0,
     ) -> Msg:
         requests = self._requesting()
-        split_subject(subject)
+        check_subject(subject)
         try:
             reply = await requests.request(
                 subject, data, dict(headers) if headers else None, timeout
@@ -688,7 +697,7 @@ class NatsTransport(Transport):
         msg_id: str | None = None,
     ) -> bool:
         requests = self._requesting()
-        split_subject(subject)
+        check_subject(subject)
         fields = dict(headers) if headers else {}
         if msg_id is not None:
             fields[api.Header.MSG_ID.value] = msg_id
@@ -880,7 +889,10 @@ class _NatsWorkMsg(WorkMsg):
     def num_delivered(self) -> int:  # type: ignore[override]
         # Parsed from the reply subject when asked (coordinators never ask).
         if self._delivered is None:
-            self._delivered = self._msg.metadata.num_delivered
+            # nats-py's `metadata` builds a dataclass, its sequences and a datetime for this.
+            tokens = NatsMsg.Metadata._get_metadata_fields(self._reply)
+            v1 = len(tokens) == _V1_ACK_TOKENS
+            self._delivered = int(tokens[4] if v1 else tokens[NatsMsg.Ack.NumDelivered])
         return self._delivered
 
     async def ack(self) -> None:
@@ -1188,7 +1200,7 @@ class _NatsKeyValue(KeyValue):
         return f"<NatsKeyValue {self.bucket!r}>"
 
     async def get(self, key: str) -> Entry | None:
-        check_key(key)
+        check_key_cached(key)
         try:
             raw = await self._latest(key)
         except nats.errors.Error as error:
@@ -1199,7 +1211,7 @@ class _NatsKeyValue(KeyValue):
         return Entry(key, raw.data or b"", raw.seq)
 
     async def put(self, key: str, value: bytes) -> int:
-        check_key(key)
+        check_key_cached(key)
         with self._mapped(f"cannot write key {key!r}"):
             known = self._known.get(key)
             for _ in range(_CAS_ATTEMPTS):
@@ -1218,7 +1230,7 @@ class _NatsKeyValue(KeyValue):
         raise TransportError(f"cannot write key {key!r}: too much contention on it")
 
     async def create(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
-        check_key(key)
+        check_key_cached(key)
         if ttl is not None and not ttl > 0:
             raise ValueError(f"ttl must be positive seconds or None, not {ttl}")
         header = None if ttl is None else _ttl_header(ttl)
@@ -1241,7 +1253,7 @@ class _NatsKeyValue(KeyValue):
         raise TransportError(f"cannot create key {key!r}: too much contention on it")
 
     async def update(self, key: str, value: bytes, last_revision: int) -> int:
-        check_key(key)
+        check_key_cached(key)
         try:
             ttl = await self._ttl_at(key, last_revision)
             return await self._write(key, value, expect=last_revision, ttl=ttl)
@@ -1249,7 +1261,7 @@ class _NatsKeyValue(KeyValue):
             raise self._failure(f"cannot update key {key!r}", error) from error
 
     async def delete(self, key: str, *, last_revision: int | None = None) -> None:
-        check_key(key)
+        check_key_cached(key)
         headers = {
             _KV_OPERATION: "PURGE",
             api.Header.ROLLUP.value: "sub",

@@ -51,6 +51,32 @@ def compile_pattern(pattern: str) -> Pattern:
     return tokens
 
 
+_CHECKED: set[str] = set()
+_CHECKED_MAX = 4096
+"""Good subjects and keys seen lately: most are published to several times (a transaction's
+event subject, its checkpoint key), and a set lookup is cheaper than the check."""
+
+
+def check_subject(subject: str) -> None:
+    """:func:`split_subject`'s check, without the split (``ValueError`` if invalid)."""
+    if subject not in _CHECKED:
+        split_subject(subject)
+        _remember(subject)
+
+
+def check_key_cached(key: str) -> None:
+    """:func:`check_key`, remembering the keys that passed."""
+    if key not in _CHECKED:
+        check_key(key)
+        _remember(key)
+
+
+def _remember(good: str) -> None:
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.clear()
+    _CHECKED.add(good)
+
+
 def split_subject(subject: str) -> list[str]:
     """Validate a subject to publish to and split it into tokens (``ValueError`` if invalid)."""
     tokens = subject.split(".")
