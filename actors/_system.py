@@ -142,7 +142,10 @@ class Dispatcher:
     runs is left to that worker, unless it is still queued when the event loop next gets control
     (the running job awaited something): then an idle worker is woken, or a new one started, so
     a handler that awaits for a long time never holds up the others. Idle workers beyond
-    ``keep_idle`` exit. Needs the asyncio backend (for ``call_soon``), as nats-py does.
+    ``keep_idle`` exit. A job submitted from outside the pool (a message read off a socket) while
+    every running job awaits wakes an idle worker at once: waiting for the next turn of the loop
+    to see whether a running worker takes it cost each hop of a workflow a loop turn. Needs the
+    asyncio backend (for ``call_soon``), as nats-py does.
     """
 
     def __init__(self, task_group: TaskGroup, *, keep_idle: int = 16) -> None:
@@ -152,6 +155,9 @@ class Dispatcher:
         self._workers = 0
         self._running = 0
         self._check_pending = False
+        self._waking = False
+        """A worker was woken (or started) and has not run yet: it takes what is queued."""
+        self._tasks: set[asyncio.Task[Any] | None] = set()
         self._keep_idle = keep_idle
         self._loop = asyncio.get_running_loop()
 
@@ -163,9 +169,11 @@ class Dispatcher:
     def submit(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Run ``await fn(*args)`` on a worker; ``fn`` handles its own errors."""
         self._jobs.append((fn, args))
-        if self._running == 0:
+        if self._waking:
+            return
+        if self._running == 0 or asyncio.current_task() not in self._tasks:
             self._wake()
-        else:
+        else:  # left to the worker running now, unless it awaits before it gets to it
             self._check_soon()
 
     def _check_soon(self) -> None:
@@ -179,6 +187,7 @@ class Dispatcher:
             self._wake()
 
     def _wake(self) -> None:
+        self._waking = True
         if self._idle:
             self._idle.popleft().set()
         else:
@@ -188,8 +197,11 @@ class Dispatcher:
     async def _work(self) -> None:
         jobs = self._jobs
         idle = self._idle
+        task = asyncio.current_task()
+        self._tasks.add(task)
         try:
             while True:
+                self._waking = False
                 while jobs:
                     fn, args = jobs.popleft()
                     if jobs:
@@ -208,6 +220,7 @@ class Dispatcher:
                 await waiter.wait()
         finally:
             self._workers -= 1
+            self._tasks.discard(task)
 
 
 class Actor(Generic[M]):

@@ -38,6 +38,49 @@ async def test_a_job_that_awaits_does_not_hold_up_the_others() -> None:
         release.set()
 
 
+async def test_jobs_from_outside_the_pool_start_while_the_running_ones_await() -> None:
+    # Jobs submitted by other tasks (a connection's reading task) while every running job
+    # awaits, interleaved with jobs that submit jobs themselves: every one starts while the
+    # first ones still wait, and none is lost (a worker on its way takes the queue, so a wake
+    # that never comes would leave jobs queued for good).
+    async with ActorSystem() as system:
+        dispatcher = system.dispatcher
+        release = anyio.Event()
+        started: list[str] = []
+        all_in = anyio.Event()
+        expected = 3 + 40 + 40
+
+        def note(name: str) -> None:
+            started.append(name)
+            if len(started) == expected:
+                all_in.set()
+
+        async def waiting(name: str) -> None:
+            note(name)
+            await release.wait()
+
+        async def spawning(name: str) -> None:
+            note(name)
+            dispatcher.submit(waiting, name + "/child")  # from inside the pool
+            await anyio.lowlevel.checkpoint()
+
+        for i in range(3):
+            dispatcher.submit(waiting, f"held-{i}")
+        await anyio.lowlevel.checkpoint()
+        for i in range(40):  # from this task, outside the pool
+            dispatcher.submit(spawning, f"outside-{i}")
+            for _ in range(i % 3):
+                await anyio.lowlevel.checkpoint()
+        with anyio.fail_after(5):
+            await all_in.wait()
+        release.set()
+    assert sorted(started) == sorted(
+        [f"held-{i}" for i in range(3)]
+        + [f"outside-{i}" for i in range(40)]
+        + [f"outside-{i}/child" for i in range(40)]
+    )
+
+
 class _Recorder(Actor[int]):
     def __init__(self) -> None:
         super().__init__("recorder")
