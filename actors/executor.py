@@ -145,28 +145,32 @@ class StepExecutor:
             await work.ack()
             return
         working = host.working
-        working.add(work)  # the heartbeat keeps it ours while the handler runs
+        # The heartbeat keeps the command ours while the handler runs and until its answer is
+        # taken: a command redelivered while the coordinator is still applying the answer (a
+        # slow turn, a cluster failing over) would run again, maybe after compensation began.
+        working.add(work)
         try:
-            if work.num_delivered > host.max_deliver:
-                event: StepDone | StepFailed = _undeliverable(cmd, host, work.num_delivered)
-            else:
-                event = await self.invoke(cmd)
-        except anyio.get_cancelled_exc_class():
-            # The worker is stopping: hand the command back at once rather than after ack_wait.
-            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                await work.nak()
-            raise
+            try:
+                if work.num_delivered > host.max_deliver:
+                    event: StepDone | StepFailed = _undeliverable(cmd, host, work.num_delivered)
+                else:
+                    event = await self.invoke(cmd)
+            except anyio.get_cancelled_exc_class():
+                # The worker is stopping: hand the command back now rather than after ack_wait.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                    await work.nak()
+                raise
+            data = encode_message(
+                TxEvent(workflow=cmd.workflow, transaction_id=cmd.transaction_id, event=event)
+            )
+            if cmd.direct is None or not await host.hand_over(cmd.direct, data):
+                await host.transport.enqueue(
+                    cmd.reply_subject,
+                    data,
+                    msg_id=f"r:{cmd.transaction_id}:{cmd.step}:{cmd.action}:{cmd.attempt}",
+                )
         finally:
             working.discard(work)
-        data = encode_message(
-            TxEvent(workflow=cmd.workflow, transaction_id=cmd.transaction_id, event=event)
-        )
-        if cmd.direct is None or not await host.hand_over(cmd.direct, data):
-            await host.transport.enqueue(
-                cmd.reply_subject,
-                data,
-                msg_id=f"r:{cmd.transaction_id}:{cmd.step}:{cmd.action}:{cmd.attempt}",
-            )
         await work.ack()
 
     async def invoke(self, cmd: StepCommand) -> StepDone | StepFailed:

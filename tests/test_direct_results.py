@@ -13,11 +13,11 @@ from typing import Any
 import anyio
 import pytest
 
-from actors import StepCommand, Subjects, TxEvent, decode_message, encode_message
+from actors import KvStore, StepCommand, Subjects, TxEvent, decode_message, encode_message
 from orchestrator import TransactionState, create_step, create_workflow
 from orchestrator._client import Client
 from orchestrator._codec import encode
-from orchestrator._transaction import StepDone
+from orchestrator._transaction import StepDone, StepRecord, new_state
 from orchestrator.services import Coordinator, Worker
 from transport import MemoryTransport, Msg, NatsServer, NatsTransport, Transport, WorkMsg
 
@@ -200,3 +200,49 @@ async def test_what_is_not_a_step_result_is_refused_and_the_coordinator_keeps_se
             result = await client.run("dr-good", {"n": 1})
     assert reply.data == b"-"  # the worker would put it on the queue, which says what is wrong
     assert result.state is TransactionState.DONE
+
+
+async def test_a_command_stays_ours_while_its_answer_is_being_taken(worker_transport: Any) -> None:
+    # The coordinator takes longer than the queue's ack_wait to answer (a slow turn, a cluster
+    # failing over): the worker keeps reporting the command in progress, so it is not
+    # delivered again (and run again, maybe after compensation began) meanwhile.
+    calls.clear()
+    prefix = f"dr{uuid.uuid4().hex[:8]}"
+    subjects = Subjects(prefix)
+    ack_wait = 0.3
+    asked: list[Msg] = []
+    answered = anyio.Event()
+
+    async def answer_late(msg: Msg) -> None:
+        await anyio.sleep(4 * ack_wait)  # the slow coordinator (not a wait for an event)
+        assert msg.reply is not None
+        await worker_transport.publish(msg.reply, b"+")
+        answered.set()
+
+    def owner(msg: Msg) -> None:
+        asked.append(msg)
+        tasks.start_soon(answer_late, msg)
+
+    # The transaction waits for the step: a command delivered again would run again.
+    store = KvStore(worker_transport, prefix=prefix)
+    await store.open()
+    waiting = new_state(good_flow.graph, "t-1")
+    waiting.status = "invoking"
+    waiting.steps["dr-two"] = StepRecord(state="invoking", attempt=1, running=True)
+    await store.save(waiting)
+    async with (
+        Worker(
+            [good_flow], transport=worker_transport, prefix=prefix, ack_wait=ack_wait, store=store
+        ),
+        anyio.create_task_group() as tasks,
+    ):
+        await worker_transport.subscribe(subjects.results, owner, queue="coordinators")
+        await worker_transport.enqueue(
+            subjects.step("dr-two"),
+            encode_message(_command(subjects, subjects.result(subjects.partition("t-1")))),
+        )
+        with anyio.fail_after(10):
+            await answered.wait()
+        tasks.cancel_scope.cancel()
+    assert calls == ["t-1:dr-two"]  # run once
+    assert len(asked) == 1  # answered once: no second delivery
