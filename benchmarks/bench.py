@@ -205,7 +205,9 @@ async def serve(role: str, url: str, prefix: str) -> None:
             await anyio.sleep_forever()
 
 
-async def bench_nats(cases: list[dict[str, Any]], sync: str, concurrency: list[int]) -> None:
+async def bench_nats(
+    cases: list[dict[str, Any]], sync: str, concurrency: list[int], server_procs: int
+) -> None:
     """Cases (a)-(d) through a client, with a coordinator and a worker in their own processes
     on a local nats-server with file storage."""
     from anyio.abc import Process
@@ -214,7 +216,10 @@ async def bench_nats(cases: list[dict[str, Any]], sync: str, concurrency: list[i
     from orchestrator import connect
     from transport import NatsServer
 
-    with NatsServer(config=NATS_CONFIGS[sync]) as server:
+    # The server shares the machine with the client, the coordinator and the worker: on one OS
+    # thread (GOMAXPROCS=1) its goroutines hand messages over without waking other threads.
+    env = {"GOMAXPROCS": str(server_procs)} if server_procs else None
+    with NatsServer(config=NATS_CONFIGS[sync], env=env) as server:
         prefix = "bench"
         procs: list[Process] = []
         try:
@@ -256,6 +261,12 @@ def main() -> None:
         "--sync", default="both", choices=["default", "always", "both"], help="nats mode"
     )
     parser.add_argument("--concurrency", default="1,64", help="nats mode: runs in flight")
+    parser.add_argument(
+        "--server-procs",
+        type=int,
+        default=1,
+        help="nats mode: GOMAXPROCS of the nats-server (0: Go's default, one per core)",
+    )
     parser.add_argument("--serve", choices=["coordinator", "worker"], help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", default="bench", help=argparse.SUPPRESS)
@@ -278,7 +289,9 @@ def main() -> None:
     syncs = ["default", "always"] if args.sync == "both" else [args.sync]
     levels = [int(x) for x in args.concurrency.split(",")]
     for sync in syncs:  # the client runs on the services' loop too (see loop_options)
-        anyio.run(bench_nats, cases, sync, levels, backend_options=loop_options())
+        anyio.run(
+            bench_nats, cases, sync, levels, args.server_procs, backend_options=loop_options()
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Generic, TypeVar
@@ -249,6 +250,7 @@ async def test_a_subscription_is_on_the_wire_before_the_ping_that_confirms_it(
     # SUB on the wire (nats-py's own writes it ahead of commands still queued for its flusher).
     async with NatsTransport(nats_server.url) as transport:
         wire = transport.nats_client._transport
+        assert wire is not None
         written: list[bytes] = []
         write, writelines = wire.write, wire.writelines
 
@@ -267,3 +269,15 @@ async def test_a_subscription_is_on_the_wire_before_the_ping_that_confirms_it(
             wire.write, wire.writelines = write, writelines  # type: ignore[method-assign]
     stream = b"".join(written)
     assert stream.index(f"SUB {ns}.confirmed".encode()) < stream.index(b"PING\r\n"), stream
+
+
+def test_the_server_runs_with_the_environment_it_is_given() -> None:
+    from transport._nats_server import _free_port
+
+    port = _free_port()
+    with (
+        NatsServer(config=f"http: 127.0.0.1:{port}\n", env={"GOMAXPROCS": "1"}),
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/varz", timeout=5) as answer,
+    ):
+        varz = json.load(answer)
+    assert varz["gomaxprocs"] == 1
