@@ -84,23 +84,26 @@ class KvStore(Store):
     async def load(self, transaction_id: str) -> TxState | None:
         key = kv_key(transaction_id)
         done, live = await self._fetch(key)
-        state = _newest(done, live)
+        retained = None if done is None else _decoder.decode(done.value)
+        checkpoint = None if live is None else _decoder.decode(live.value)
         if (
             live is not None
-            and done is not None
-            and _decoder.decode(done.value).version >= _decoder.decode(live.value).version
+            and retained is not None
+            and checkpoint is not None
+            and retained.version >= checkpoint.version
         ):
             # A finish cut short (its coordinator died between the two writes) left the
             # checkpoint behind: the retained copy is newer, so drop it now. (A newer
             # checkpoint is a finished transaction being compensated, a cancel: it stays.)
             with contextlib.suppress(RevisionMismatchError):
                 await self.live_bucket.delete(key, last_revision=live.revision)
-            live = None
+            live = checkpoint = None
         if live is not None:
             self._revisions[transaction_id] = live.revision
         else:
             self._revisions.pop(transaction_id, None)
-        return state
+        # What is left of the two, the checkpoint newer if both are.
+        return checkpoint if checkpoint is not None else retained
 
     async def load_start(self, transaction_id: str) -> TxState | None:
         # The retained copy first: a new transaction has none, and a live checkpoint makes the

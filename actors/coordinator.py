@@ -514,10 +514,8 @@ class CoordinatorHost:
         """The subject of each partition, by number."""
         self.result_subjects = [subjects.result(p) for p in range(subjects.partitions)]
         """The subject where this host takes a partition's step results, by number."""
-        self.takes_results = False
-        """Whether this host takes step results straight from workers (see :meth:`_on_result`):
-        commands then say so; their answers go to the queue otherwise."""
         self._results: dict[int | None, Subscription] = {}
+        """The result subscriptions, by partition (``None``: all of them, without leases)."""
 
     async def start(self) -> None:
         """Create the work queue (idempotent), arm the timer task and start consuming: every
@@ -597,7 +595,12 @@ class CoordinatorHost:
         self._results[partition] = await self.transport.subscribe(
             subject, self._on_result, queue="coordinators"
         )
-        self.takes_results = True
+
+    @property
+    def takes_results(self) -> bool:
+        """Whether this host takes step results straight from workers (see :meth:`_on_result`):
+        commands then say so; their answers go to the queue otherwise."""
+        return bool(self._results)
 
     # -- routing
     def _on_result(self, msg: Msg) -> None:
